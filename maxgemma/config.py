@@ -1,0 +1,97 @@
+"""Experiment configuration: the shared defaults every `configs/*.py` file starts from.
+
+An experiment file defines `get_config()` returning `base_config()` with its changes; the command line
+overrides any key (`--config.train.steps=100`). Model sizes come from a named preset
+(`config.model.preset`); every `ModelConfig` field can be overridden under `config.model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+
+import ml_collections
+from ml_collections import config_dict
+
+from maxgemma.model.config import ModelConfig
+from maxgemma.model.presets import get_preset
+
+# ModelConfig fields that only a preset sets (structural tuples are not command-line friendly).
+_PRESET_ONLY = ("attention_pattern",)
+
+
+def _model_section() -> ml_collections.ConfigDict:
+  """`preset` plus a typed, unset placeholder for every overridable ModelConfig field."""
+  hints = typing.get_type_hints(ModelConfig)
+  section = {"preset": "tiny_gemma2"}
+  for field in dataclasses.fields(ModelConfig):
+    if field.name in _PRESET_ONLY:
+      continue
+    kind = next((t for t in (bool, int, float, str) if t in typing.get_args(hints[field.name])
+                 or hints[field.name] is t), str)
+    section[field.name] = config_dict.placeholder(kind)
+  return ml_collections.ConfigDict(section)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every section: model, mesh, data, optim, train, checkpoint, metrics."""
+  c = ml_collections.ConfigDict()
+  c.model = _model_section()
+
+  # Mesh axes: ICI inside a pod/slice, DCN across slices. -1 means "all remaining devices".
+  c.mesh = ml_collections.ConfigDict(dict(
+      ici_data=-1, ici_fsdp=1, ici_tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
+      shard_params=True,  # ZeRO-3: parameters (not only optimizer state) sharded over fsdp
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      sources="",  # "GLOB[:WEIGHT],GLOB[:WEIGHT]": prepared ArrayRecord shards ("" = demo corpus)
+      eval_sources="",
+      tokenizer="",  # SentencePiece model path ("" = the packaged demo tokenizer)
+      shuffle=True,
+      packing=True,
+      worker_count=0,  # grain worker processes (0 = in the main process)
+      prefetch=2,
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=3e-4, schedule="cosine", warmup_steps=100,
+      decay_steps=config_dict.placeholder(int),  # None: train.steps
+      end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+      moments_dtype="float32", grad_accum_steps=1, z_loss=0.0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, global_batch=8, seq_len=128, seed=0, nan_policy="stop",  # stop | skip
+      eval_every=0, eval_steps=4, profile_steps="",  # "START:STOP" traces that step range
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep_last=3, keep_every=0,
+                                                async_save=True))
+  c.metrics = ml_collections.ConfigDict(dict(log_every=1, tensorboard=True,
+                                             peak_flops_per_device=0.0))  # 0: measured/known
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator="", num_processes=0, process_id=-1,  # all unset: single process or TPU auto
+  ))
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+  """The validated ModelConfig: the preset with every set `config.model` field applied."""
+  overrides = {k: v for k, v in c.model.items() if k != "preset" and v is not None}
+  return get_preset(c.model.preset, **overrides).validate(seq_len=c.train.seq_len)
+
+
+def check_keys(c: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
+  """Raises ValueError for a key the defaults do not have, naming the nearest valid keys."""
+  reference = base_config() if reference is None else reference
+  for key, value in c.items():
+    if key not in reference:
+      close = difflib.get_close_matches(key, list(reference.keys()), n=3)
+      hint = f"; did you mean {', '.join(prefix + k for k in close)}?" if close else ""
+      raise ValueError(f"unknown config key {prefix + key!r}{hint} Valid keys under "
+                       f"{prefix or 'config.'!r}: {', '.join(reference.keys())}")
+    if isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key],
+                                                                   ml_collections.ConfigDict):
+      check_keys(value, reference[key], prefix + key + ".")

@@ -1,0 +1,94 @@
+"""Multi-head attention for Gemma: MHA, GQA and MQA, soft-capping, sliding windows, packing.
+
+Shape letters: B batch, L query length, S key length, D d_model, N query heads, K key/value heads,
+G query heads per key/value head (N = K * G), H head dim.
+
+`dot_product_attention` is the one switch over implementations; "xla" is the plain reference every
+other implementation is tested against.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxgemma.model.layers import RMSNorm, dense_init, param
+from maxgemma.model.rope import apply_rope
+
+Array = jax.Array
+# A window no sequence reaches: what global layers use when the window is a traced per-layer value.
+GLOBAL_WINDOW = 2**30
+
+
+def attention_mask(q_pos_BL: Array, k_pos_BS: Array, q_seg_BL: Array, k_seg_BS: Array,
+                   window: Array | int | None = None) -> Array:
+  """[B, L, S] bool: causal, same segment and, with a window, `q_pos - k_pos < window`."""
+  delta_BLS = q_pos_BL[:, :, None] - k_pos_BS[:, None, :]
+  mask_BLS = (delta_BLS >= 0) & (q_seg_BL[:, :, None] == k_seg_BS[:, None, :])
+  if window is not None:
+    mask_BLS &= delta_BLS < window
+  return mask_BLS
+
+
+def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS: Array, *,
+                          softcap: float | None = None, impl: str = "xla") -> Array:
+  """softmax(q k^T [soft-capped], masked) v, returning [B, L, N, H]; q must be pre-scaled."""
+  if impl != "xla":
+    raise ValueError(f"attention_impl {impl!r} is not available; allowed values: xla")
+  B, L, N, H = q_BLNH.shape
+  K = k_BSKH.shape[2]
+  q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
+  logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
+                            preferred_element_type=jnp.float32)
+  if softcap is not None:
+    logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
+  logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, jnp.finfo(jnp.float32).min)
+  probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
+  out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
+  return out_BLKGH.reshape(B, L, N, H)
+
+
+class Attention(nn.Module):
+  """Gemma self-attention with the official parameter names (q/kv or fused qkv einsums)."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_model: int
+  query_scale: float
+  softcap: float | None = None
+  use_qk_norm: bool = False
+  norm_eps: float = 1e-6
+  impl: str = "xla"
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array, rope_base: Array | float,
+               rope_scale: Array | float) -> Array:
+    N, K, D, H = self.num_heads, self.num_kv_heads, self.d_model, self.head_dim
+    x_BLD = x_BLD.astype(self.dtype)
+    if N == K:  # Multi-head attention: one fused projection, as in the Gemma 1 7B checkpoint.
+      w_3NDH = param(self, "qkv_einsum", dense_init(2, (1, 3), 0), (3, N, D, H),
+                     (None, "heads", "embed", "head_dim"), self.param_dtype)
+      q_BLNH, k_BSKH, v_BSKH = jnp.einsum("BLD,CNDH->CBLNH", x_BLD, w_3NDH.astype(self.dtype))
+    else:
+      w_NDH = param(self, "q_einsum", dense_init(1, (0, 2)), (N, D, H),
+                    ("heads", "embed", "head_dim"), self.param_dtype)
+      w_2KDH = param(self, "kv_einsum", dense_init(2, (1, 3), 0), (2, K, D, H),
+                     (None, "kv_heads", "embed", "head_dim"), self.param_dtype)
+      q_BLNH = jnp.einsum("BLD,NDH->BLNH", x_BLD, w_NDH.astype(self.dtype))
+      k_BSKH, v_BSKH = jnp.einsum("BSD,CKDH->CBSKH", x_BLD, w_2KDH.astype(self.dtype))
+    if self.use_qk_norm:
+      q_BLNH = RMSNorm(self.norm_eps, "head_dim", self.param_dtype, name="_query_norm")(q_BLNH)
+      k_BSKH = RMSNorm(self.norm_eps, "head_dim", self.param_dtype, name="_key_norm")(k_BSKH)
+    q_BLNH = apply_rope(q_BLNH, positions_BL, rope_base, rope_scale)
+    k_BSKH = apply_rope(k_BSKH, positions_BL, rope_base, rope_scale)
+    q_BLNH = q_BLNH * jnp.asarray(self.query_scale, self.dtype)
+    q_BLNH = nn.with_logical_constraint(q_BLNH, ("act_batch", "act_length", "act_heads", None))
+    out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=self.softcap,
+                                     impl=self.impl)
+    w_NHD = param(self, "attn_vec_einsum", dense_init((0, 1), 2), (N, H, D),
+                  ("heads", "head_dim", "embed"), self.param_dtype)
+    return jnp.einsum("BLNH,NHD->BLD", out_BLNH, w_NHD.astype(self.dtype))

@@ -1,0 +1,127 @@
+"""The model's architecture and run-time choices, as one frozen dataclass.
+
+A `ModelConfig` names every size of a Gemma decoder. Presets live in `presets.py`; `validate()` turns a
+bad combination into one clear `ValueError` that names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+LayerType = Literal["global", "local"]
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj")
+ATTENTION_IMPLS = ("xla",)
+DTYPES = ("float32", "bfloat16", "float16")
+FAMILIES = ("gemma1", "gemma2", "gemma3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every size and switch of a Gemma decoder (no defaults hidden elsewhere)."""
+
+  family: str  # gemma1 | gemma2 | gemma3: which checkpoint formats and references apply.
+  num_layers: int
+  d_model: int  # D
+  ffn_dim: int  # F, the width of ONE GeGLU branch
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  vocab_size: int  # V, embedding rows
+  max_seq_len: int  # the context the model was built for
+  # Attention layout: the per-layer pattern repeats from layer 0 ("local" = sliding window).
+  attention_pattern: tuple[LayerType, ...] = ("global",)
+  sliding_window: int | None = None
+  query_pre_attn_scalar: float | None = None  # queries scaled by scalar**-0.5 (None: head_dim)
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
+  use_post_attn_norm: bool = False
+  use_post_ffw_norm: bool = False
+  use_qk_norm: bool = False
+  rope_local_base: float = 10_000.0
+  rope_global_base: float = 10_000.0
+  rope_local_scale: float = 1.0  # linear RoPE scaling: positions divided by this
+  rope_global_scale: float = 1.0
+  transpose_gating_einsum: bool = False  # gating_einsum stored [2, F, D] instead of [2, D, F]
+  norm_eps: float = 1e-6
+  # Run-time choices: they change speed and memory, never the function computed (up to dtype).
+  param_dtype: str = "float32"
+  dtype: str = "bfloat16"  # compute dtype
+  scan_layers: bool = True
+  remat_policy: str = "full"
+  attention_impl: str = "xla"
+
+  @property
+  def num_groups(self) -> int:
+    """G: query heads that share one key/value head."""
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def query_scale(self) -> float:
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    return float(scalar) ** -0.5
+
+  def layer_types(self) -> tuple[LayerType, ...]:
+    """The attention type of each layer, the pattern repeated from layer 0."""
+    p = self.attention_pattern
+    return tuple(p[i % len(p)] for i in range(self.num_layers))
+
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None for global layers)."""
+    return tuple(self.sliding_window if t == "local" else None for t in self.layer_types())
+
+  def replace(self, **changes) -> ModelConfig:
+    """A copy with fields changed; unknown names get an error listing the valid ones."""
+    names = {f.name for f in dataclasses.fields(self)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+      raise ValueError(f"unknown model config field(s) {unknown}; valid fields: {sorted(names)}")
+    return dataclasses.replace(self, **changes)
+
+  def validate(self, seq_len: int | None = None) -> ModelConfig:
+    """Raises ValueError naming the first bad field; returns self so calls chain."""
+    positive = ("num_layers", "d_model", "ffn_dim", "num_heads", "num_kv_heads", "head_dim",
+                "vocab_size", "max_seq_len")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+    _check_choice("family", self.family, FAMILIES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads "
+          f"({self.num_kv_heads}); allowed num_kv_heads: {_divisors(self.num_heads)}")
+    if self.head_dim % 2:
+      raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+    if not self.attention_pattern or any(t not in ("global", "local")
+                                         for t in self.attention_pattern):
+      raise ValueError(f"model.attention_pattern must be a non-empty tuple of 'global'/'local', "
+                       f"got {self.attention_pattern!r}")
+    if "local" in self.attention_pattern:
+      if not self.sliding_window or self.sliding_window <= 0:
+        raise ValueError("model.sliding_window must be a positive integer when "
+                         f"model.attention_pattern has local layers, got {self.sliding_window!r}")
+      if self.sliding_window > self.max_seq_len:
+        raise ValueError(f"model.sliding_window ({self.sliding_window}) is larger than the context "
+                         f"model.max_seq_len ({self.max_seq_len}); use a window <= the context")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f"model.{name} must be positive or None, got {value!r}")
+    if seq_len is not None and seq_len > self.max_seq_len:
+      raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len ({self.max_seq_len})")
+    return self
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"model.{name} is {value!r}; allowed values: {', '.join(allowed)}")
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,0 +1,156 @@
+"""The Gemma decoder: blocks stacked with `nn.scan` (or unrolled), with a remat policy.
+
+Shape letters: B batch, L length, D d_model, V vocab.
+
+Parameter tree (scanned): `embedder/input_embedding`, `layers/<block>` with a leading `layers` axis,
+`final_norm/scale`. Unrolled, the blocks are `layer_{i}/<block>`: the official Gemma tree.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxgemma.model.attention import GLOBAL_WINDOW, Attention, attention_mask
+from maxgemma.model.config import ModelConfig
+from maxgemma.model.layers import Embedder, FeedForward, RMSNorm
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+}
+
+
+class Block(nn.Module):
+  """One decoder layer: pre-norm attention and GeGLU, with the optional Gemma 2/3 post-norms."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array, layer_xs: dict
+               ) -> tuple[Array, None]:
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    # The window is a per-layer value: local layers add `q - k < window` to the shared mask.
+    q_idx = jnp.arange(x_BLD.shape[1])
+    in_window_LS = (q_idx[:, None] - q_idx[None, :]) < layer_xs["window"]
+    mask_BLS = mask_BLS & in_window_LS[None]
+
+    h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_attention_norm")(x_BLD)
+    h_BLD = Attention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        d_model=cfg.d_model, query_scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
+        use_qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl,
+        dtype=dtype, param_dtype=pdtype, name="attn",
+    )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"])
+    if cfg.use_post_attn_norm:
+      h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_attention_norm")(h_BLD)
+    x_BLD = x_BLD + h_BLD
+
+    h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_ffw_norm")(x_BLD)
+    h_BLD = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.transpose_gating_einsum, dtype=dtype,
+                        param_dtype=pdtype, name="mlp")(h_BLD)
+    if cfg.use_post_ffw_norm:
+      h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_ffw_norm")(h_BLD)
+    x_BLD = x_BLD + h_BLD
+    x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
+    return x_BLD, None
+
+
+def layer_constants(cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """Per-layer values the scan feeds each block: window, RoPE base and RoPE scale."""
+  types = cfg.layer_types()
+  local = np.array([t == "local" for t in types])
+  window = np.where(local, cfg.sliding_window or GLOBAL_WINDOW, GLOBAL_WINDOW)
+  return {
+      "window": window.astype(np.int32),
+      "rope_base": np.where(local, cfg.rope_local_base, cfg.rope_global_base).astype(np.float32),
+      "rope_scale": np.where(local, cfg.rope_local_scale, cfg.rope_global_scale
+                             ).astype(np.float32),
+  }
+
+
+def _remat(block_cls, policy: str, scanned: bool):
+  if policy == "none":
+    return block_cls
+  return nn.remat(block_cls, policy=_REMAT_POLICIES[policy], prevent_cse=not scanned)
+
+
+class Transformer(nn.Module):
+  """Gemma decoder: tokens [B, L] (with optional positions and segment ids) -> logits [B, L, V]."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.embedder = Embedder(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype)
+    block = _remat(Block, cfg.remat_policy, cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+    else:
+      self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps, param_dtype=pdtype)
+
+  def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
+               segment_ids_BL: Array | None = None, *, return_hidden: bool = False) -> Array:
+    """Logits [B, L, V] in float32, or the final normed hidden states [B, L, D] if asked.
+
+    `segment_ids` mark packed documents (attention never crosses them; 0 marks padding) and
+    `positions` restart at 0 in each document. Both default to one document per row.
+    """
+    cfg = self.config
+    tokens_BL, positions_BL, segment_ids_BL = check_inputs(tokens_BL, positions_BL, segment_ids_BL)
+    idx_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    # Causal by index (the packed layout keeps each document contiguous), within one segment.
+    mask_BLS = attention_mask(idx_BL, idx_BL, segment_ids_BL, segment_ids_BL)
+
+    x_BLD = self.embedder.encode(tokens_BL)
+    x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
+    consts = layer_constants(cfg)
+    if cfg.scan_layers:
+      x_BLD, _ = self.layers(x_BLD, positions_BL, mask_BLS, consts)
+    else:
+      for i, blk in enumerate(self.blocks):
+        x_BLD, _ = blk(x_BLD, positions_BL, mask_BLS, {k: v[i] for k, v in consts.items()})
+    x_BLD = self.final_norm(x_BLD)
+    if return_hidden:
+      return x_BLD
+    return self.logits(x_BLD)
+
+  def logits(self, x_BLD: Array) -> Array:
+    """Tied output projection with the optional final soft-cap, float32 [B, L, V]."""
+    logits_BLV = self.embedder.attend(x_BLD)
+    cap = self.config.final_logit_softcap
+    if cap is not None:
+      logits_BLV = jnp.tanh(logits_BLV / cap) * cap
+    return nn.with_logical_constraint(logits_BLV, ("act_batch", "act_length", "act_vocab"))
+
+
+def check_inputs(tokens, positions, segment_ids) -> tuple[Array, Array, Array]:
+  """Validates shapes and dtypes, filling the defaults; raises one clear ValueError."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length] integers, got shape {tuple(tokens.shape)}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+  B, L = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  if segment_ids is None:
+    segment_ids = jnp.ones((B, L), jnp.int32)
+  for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+    if tuple(arr.shape) != (B, L):
+      raise ValueError(f"{name} must have the shape of tokens {(B, L)}, got {tuple(arr.shape)}")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integers, got dtype {arr.dtype}")
+  return tokens, positions, segment_ids
