@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maxgemma.model.layers import RMSNorm, dense_init, param
+from maxgemma.model.layers import Einsum, RMSNorm, dense_init
 from maxgemma.model.rope import apply_rope
 
 Array = jax.Array
@@ -69,17 +69,17 @@ class Attention(nn.Module):
                rope_scale: Array | float) -> Array:
     N, K, D, H = self.num_heads, self.num_kv_heads, self.d_model, self.head_dim
     x_BLD = x_BLD.astype(self.dtype)
+    einsum = lambda name, shape, axes, init: Einsum(shape, axes, init, self.dtype,
+                                                    self.param_dtype, name=name)
     if N == K:  # Multi-head attention: one fused projection, as in the Gemma 1 7B checkpoint.
-      w_3NDH = param(self, "qkv_einsum", dense_init(2, (1, 3), 0), (3, N, D, H),
-                     (None, "heads", "embed", "head_dim"), self.param_dtype)
-      q_BLNH, k_BSKH, v_BSKH = jnp.einsum("BLD,CNDH->CBLNH", x_BLD, w_3NDH.astype(self.dtype))
+      q_BLNH, k_BSKH, v_BSKH = einsum("qkv_einsum", (3, N, D, H),
+                                      (None, "heads", "embed", "head_dim"),
+                                      dense_init(2, (1, 3), 0))("BLD,CNDH->CBLNH", x_BLD)
     else:
-      w_NDH = param(self, "q_einsum", dense_init(1, (0, 2)), (N, D, H),
-                    ("heads", "embed", "head_dim"), self.param_dtype)
-      w_2KDH = param(self, "kv_einsum", dense_init(2, (1, 3), 0), (2, K, D, H),
-                     (None, "kv_heads", "embed", "head_dim"), self.param_dtype)
-      q_BLNH = jnp.einsum("BLD,NDH->BLNH", x_BLD, w_NDH.astype(self.dtype))
-      k_BSKH, v_BSKH = jnp.einsum("BSD,CKDH->CBSKH", x_BLD, w_2KDH.astype(self.dtype))
+      q_BLNH = einsum("q_einsum", (N, D, H), ("heads", "embed", "head_dim"),
+                      dense_init(1, (0, 2)))("BLD,NDH->BLNH", x_BLD)
+      k_BSKH, v_BSKH = einsum("kv_einsum", (2, K, D, H), (None, "kv_heads", "embed", "head_dim"),
+                              dense_init(2, (1, 3), 0))("BSD,CKDH->CBSKH", x_BLD)
     if self.use_qk_norm:
       q_BLNH = RMSNorm(self.norm_eps, "head_dim", self.param_dtype, name="_query_norm")(q_BLNH)
       k_BSKH = RMSNorm(self.norm_eps, "head_dim", self.param_dtype, name="_key_norm")(k_BSKH)
@@ -89,6 +89,5 @@ class Attention(nn.Module):
     q_BLNH = nn.with_logical_constraint(q_BLNH, ("act_batch", "act_length", "act_heads", None))
     out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=self.softcap,
                                      impl=self.impl)
-    w_NHD = param(self, "attn_vec_einsum", dense_init((0, 1), 2), (N, H, D),
-                  ("heads", "head_dim", "embed"), self.param_dtype)
-    return jnp.einsum("BLNH,NHD->BLD", out_BLNH, w_NHD.astype(self.dtype))
+    return einsum("attn_vec_einsum", (N, H, D), ("heads", "head_dim", "embed"),
+                  dense_init((0, 1), 2))("BLNH,NHD->BLD", out_BLNH)

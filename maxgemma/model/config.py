@@ -1,7 +1,7 @@
 """The model's architecture and run-time choices, as one frozen dataclass.
 
-A `ModelConfig` names every size of a Gemma decoder. Presets live in `presets.py`; `validate()` turns a
-bad combination into one clear `ValueError` that names the field and the allowed values.
+A `ModelConfig` names every size of a Gemma decoder. Presets live in `presets.py`; `validate()`
+turns a bad combination into one clear `ValueError` that names the field and the allowed values.
 """
 
 from __future__ import annotations

@@ -102,15 +102,15 @@ class Transformer(nn.Module):
       self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, param_dtype=pdtype)
 
-  def __call__(self, tokens_BL: Array, positions_BL: Array | None = None,
-               segment_ids_BL: Array | None = None, *, return_hidden: bool = False) -> Array:
+  def __call__(self, tokens: Array, positions: Array | None = None,
+               segment_ids: Array | None = None, *, return_hidden: bool = False) -> Array:
     """Logits [B, L, V] in float32, or the final normed hidden states [B, L, D] if asked.
 
     `segment_ids` mark packed documents (attention never crosses them; 0 marks padding) and
     `positions` restart at 0 in each document. Both default to one document per row.
     """
     cfg = self.config
-    tokens_BL, positions_BL, segment_ids_BL = check_inputs(tokens_BL, positions_BL, segment_ids_BL)
+    tokens_BL, positions_BL, segment_ids_BL = check_inputs(tokens, positions, segment_ids)
     idx_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     # Causal by index (the packed layout keeps each document contiguous), within one segment.
     mask_BLS = attention_mask(idx_BL, idx_BL, segment_ids_BL, segment_ids_BL)

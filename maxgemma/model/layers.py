@@ -25,6 +25,21 @@ def dense_init(in_axis, out_axis, batch_axis=()):
                                           out_axis=out_axis, batch_axis=batch_axis)
 
 
+class Einsum(nn.Module):
+  """A weight `w` of a given shape and logical axes, applied with an einsum spec."""
+
+  shape: tuple[int, ...]
+  axes: tuple
+  init: nn.initializers.Initializer
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, spec: str, x: Array) -> Array:
+    w = param(self, "w", self.init, self.shape, self.axes, self.param_dtype)
+    return jnp.einsum(spec, x, w.astype(self.dtype))
+
+
 class RMSNorm(nn.Module):
   """Gemma RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + scale), in float32."""
 

@@ -1,8 +1,8 @@
 """Named model configurations: the published Gemma models and tiny ones for tests.
 
-Sizes follow shared/REFERENCE.md section 1, checked against the `transformers` config classes. Embedding
-rows are those of the official checkpoints (256,128 for Gemma 1/2); `vocab_size=256_000` gives the
-Hugging Face checkpoints' counts.
+Sizes follow shared/REFERENCE.md section 1, checked against the `transformers` config classes.
+Embedding rows are those of the official checkpoints (256,128 for Gemma 1/2); `vocab_size=256_000`
+gives the Hugging Face checkpoints' counts.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny_gemma1_mha": ModelConfig(
         family="gemma1", num_layers=2, d_model=64, ffn_dim=128, num_heads=4, num_kv_heads=4,
         head_dim=16, vocab_size=512, max_seq_len=256),
-    "tiny_gemma2": ModelConfig(
-        num_layers=4, d_model=64, ffn_dim=128, num_heads=4, num_kv_heads=2, head_dim=16,
+    "tiny_gemma2": ModelConfig(  # query scale 1/sqrt(d_model / heads), as Gemma 2 27B
+        num_layers=4, d_model=96, ffn_dim=128, num_heads=4, num_kv_heads=2, head_dim=16,
         **{**_GEMMA2, "vocab_size": 512, "max_seq_len": 256, "sliding_window": 8,
            "query_pre_attn_scalar": 24}),
     "tiny_gemma3": ModelConfig(

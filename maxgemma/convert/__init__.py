@@ -1,0 +1,1 @@
+"""Name maps between maxgemma's parameter tree and other checkpoint formats."""
