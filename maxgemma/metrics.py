@@ -1,0 +1,219 @@
+"""Training metrics: peak FLOP/s and MFU, a console/TensorBoard/JSONL writer, one-step-behind fetch.
+
+MFU = model FLOPs per step / (step time * devices * peak FLOP/s per device); the model FLOPs count
+comes from the model's FLOPs function (REFERENCE.md section 5), the peak from `PEAK_FLOPS`
+(bf16 dense, per chip) or, on a CPU, from a measured matmul.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Peak dense bf16 FLOP/s per device (chip), from the vendors' data sheets.
+PEAK_FLOPS: dict[str, float] = {
+    "TPU v4": 275e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+# `device_kind` substrings (lower case) -> PEAK_FLOPS key, first match wins: the "lite" chips
+# before the plain "v5" (JAX names v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite").
+_KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("v5 lite", "v5lite", "v5e"), "TPU v5e"),
+    (("v6 lite", "v6lite", "v6e"), "TPU v6e"),
+    (("v5p", "tpu v5"), "TPU v5p"),
+    (("tpu v4",), "TPU v4"),
+    (("h200",), "NVIDIA H200"),
+    (("h100",), "NVIDIA H100"),
+    (("a100",), "NVIDIA A100"),
+)
+
+
+def known_peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s for a `jax.Device.device_kind` string, or None when it is not in the table."""
+  kind = device_kind.lower()
+  for patterns, name in _KIND_PATTERNS:
+    if any(p in kind for p in patterns):
+      return PEAK_FLOPS[name]
+  return None
+
+
+def measure_cpu_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device, best of `repeats`.
+
+  Used as the "peak" on CPUs, which have no data-sheet figure here.
+  """
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()  # compile and warm up
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * size ** 3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0, device: jax.Device | None = None) -> float:
+  """The peak to use for MFU: `configured` if > 0, else the table entry, else measured on a CPU.
+
+  Raises ValueError for an accelerator the table does not know (set
+  `config.metrics.peak_flops_per_device`).
+  """
+  if configured and configured > 0:
+    return float(configured)
+  device = device or jax.devices()[0]
+  peak = known_peak_flops(device.device_kind)
+  if peak is not None:
+    return peak
+  if device.platform == "cpu":
+    return measure_cpu_matmul_peak()
+  raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
+                   "config.metrics.peak_flops_per_device (known: " + ", ".join(PEAK_FLOPS) + ")")
+
+
+def mfu(model_flops_per_step: float, step_time_s: float, num_devices: int,
+        peak_flops_per_device: float) -> float:
+  """Model FLOPs utilisation: model_flops_per_step / (step_time_s * num_devices * peak)."""
+  if step_time_s <= 0 or num_devices <= 0 or peak_flops_per_device <= 0:
+    raise ValueError(f"step_time_s ({step_time_s}), num_devices ({num_devices}) and "
+                     f"peak_flops_per_device ({peak_flops_per_device}) must be > 0")
+  return model_flops_per_step / (step_time_s * num_devices * peak_flops_per_device)
+
+
+def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in metrics.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
+  """Nested metrics of one-element arrays/numbers -> flat {"a/b": python scalar} (blocks)."""
+  out = {}
+  for name, value in _flatten(metrics).items():
+    arr = np.asarray(value)
+    if arr.size != 1:
+      raise ValueError(f"metric {name!r} must be a scalar, got shape {arr.shape}")
+    scalar = arr.reshape(()).item()
+    out[name] = int(scalar) if isinstance(scalar, bool) else scalar
+  return out
+
+
+class MetricsBuffer:
+  """Fetches step N's device metrics only once step N+1 has been dispatched (one step behind).
+
+  The loop calls `push(step, metrics)` right after dispatching a step: the new arrays start copying
+  to the host asynchronously and the previous step's arrays (long finished, or finishing while the
+  new step is queued) are converted to Python scalars and handed to `sink` (and returned). Call
+  `flush()` after the last step.
+  """
+
+  def __init__(self, sink: Callable[[int, dict[str, float | int]], None] | None = None):
+    self._sink = sink
+    self._pending: tuple[int, Any] | None = None
+
+  def push(self, step: int, metrics: Mapping[str, Any]) -> tuple[int, dict] | None:
+    """Holds `metrics` (device arrays) for `step`; returns the previous step's scalars, if any."""
+    for leaf in jax.tree.leaves(metrics):
+      if isinstance(leaf, jax.Array):
+        leaf.copy_to_host_async()
+    ready = self._emit()
+    self._pending = (step, metrics)
+    return ready
+
+  def flush(self) -> tuple[int, dict] | None:
+    """Converts and hands out the held step, if any."""
+    return self._emit()
+
+  def _emit(self) -> tuple[int, dict] | None:
+    if self._pending is None:
+      return None
+    step, metrics = self._pending
+    self._pending = None
+    values = to_scalars(metrics)
+    if self._sink is not None:
+      self._sink(step, values)
+    return step, values
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, int):
+    return str(value)
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class MetricsWriter:
+  """Writes each step's scalars to the console, TensorBoard and `workdir/metrics.jsonl`.
+
+  TensorBoard event files go under `workdir/tensorboard`; the JSON Lines file holds one object
+  per `write` (`{"step": ..., name: value}`, non-finite values as NaN/Infinity) and is flushed every
+  time. Only process 0 writes, unless `all_processes`.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True,
+               jsonl: bool = True, all_processes: bool = False, stream: TextIO | None = None):
+    self.active = all_processes or jax.process_index() == 0
+    self._console = console
+    self._stream = stream
+    self._tb = None
+    self._jsonl = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+    if jsonl:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes one step's metrics (nested dicts of scalars or one-element arrays)."""
+    if not self.active:
+      return
+    values = to_scalars(metrics)
+    step = int(step)
+    if self._console:
+      line = " | ".join([f"step {step}"] + [f"{k} {_format(v)}" for k, v in values.items()])
+      print(line, file=self._stream or sys.stdout, flush=True)
+    if self._tb is not None:
+      for name, value in values.items():
+        self._tb.add_scalar(name, float(value), global_step=step)
+      self._tb.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the files."""
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
