@@ -1,15 +1,16 @@
 """Run a multi-process JAX job on this machine: P processes x D fake CPU devices, real collectives.
 
   python -m launch.local --processes=2 --devices_per_process=4 [--port=N] [--module=maxgemma.train]
-      [--log_dir=DIR] [--timeout=SECONDS] -- <arguments for the module>
+      [--log_dir=DIR] [--timeout=SECONDS] [--grace_s=SECONDS] -- <arguments for the module>
 
 Each process runs `python -m <module> <arguments>` with MAXGEMMA_COORDINATOR=127.0.0.1:PORT,
 MAXGEMMA_NUM_PROCESSES=P, MAXGEMMA_PROCESS_ID=i, JAX_PLATFORMS=cpu and
 XLA_FLAGS=--xla_force_host_platform_device_count=D (see maxgemma/distributed.py). Process 0's output
 is streamed with a `[p0]` prefix; every process's output goes to DIR/process_<i>.log. If a process
 fails (non-zero exit or killed) the others are stopped and the launcher exits non-zero naming it;
-Ctrl-C / SIGTERM stop all processes. Exit code 0 only when every process succeeded.
-No jax import here: the launcher only starts and watches processes.
+Ctrl-C / SIGTERM stop all processes (SIGTERM to each process group, SIGKILL after --grace_s).
+Exit code 0 only when every process succeeded. No jax import here: the launcher only starts and
+watches processes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-
-_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 
 
 class LaunchError(Exception):
@@ -72,8 +71,9 @@ class Job:
   """The P child processes, their log files and process 0's output pump."""
 
   def __init__(self, argv: list[str], processes: int, devices: int, port: int, log_dir: str,
-               out=None):
+               out=None, grace_s: float = 5.0):
     self.out = out or sys.stdout
+    self.grace_s = grace_s
     self.logs = [os.path.join(log_dir, f"process_{i}.log") for i in range(processes)]
     self.procs: list[subprocess.Popen] = []
     self._pump: threading.Thread | None = None
@@ -119,7 +119,7 @@ class Job:
             os.killpg(proc.pid, sig)
           except ProcessLookupError:
             pass
-      deadline = time.monotonic() + _GRACE_S
+      deadline = time.monotonic() + self.grace_s
       while time.monotonic() < deadline and any(p.poll() is None for p in running):
         time.sleep(0.05)
       if all(p.poll() is not None for p in running):
@@ -151,6 +151,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--log_dir", default="", help="per-process logs (default: a new temp dir)")
   parser.add_argument("--timeout", type=float, default=0.0,
                       help="stop everything after this many seconds (0: no limit)")
+  parser.add_argument("--grace_s", type=float, default=5.0,
+                      help="when stopping: SIGTERM, then SIGKILL after this many seconds")
   args = parser.parse_args(argv)
   if args.processes < 1:
     raise LaunchError(f"--processes={args.processes}: need at least 1 process")
@@ -176,7 +178,8 @@ def launch(args: argparse.Namespace, module_args: list[str], out=None) -> int:
   stop_signal: list[int] = []
   handler = lambda signum, _frame: stop_signal.append(signum)
   previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-  job = Job(argv, args.processes, args.devices_per_process, port, log_dir, out=out)
+  job = Job(argv, args.processes, args.devices_per_process, port, log_dir, out=out,
+            grace_s=args.grace_s)
   start = time.monotonic()
   try:
     while True:
