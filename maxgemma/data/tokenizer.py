@@ -6,7 +6,6 @@ import hashlib
 import io
 import os
 from collections.abc import Iterable, Sequence
-from importlib import resources
 
 import sentencepiece as spm
 
@@ -27,7 +26,7 @@ def gemma_special_pieces() -> list[str]:
 
 def demo_tokenizer_path() -> str:
   """Path of the packaged demo tokenizer (2048 pieces, Gemma's special ids)."""
-  return str(resources.files("maxgemma.data") / "assets" / "tokenizer.model")
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")
 
 
 class Tokenizer:
@@ -136,6 +135,22 @@ def train(texts: Iterable[str], vocab_size: int, *, output: str | None = None,
     raise ValueError(f"vocab_size={vocab_size} is too small for Gemma's {4 + len(specials)} "
                      "special pieces and 256 byte pieces")
   model = io.BytesIO()
+  try:
+    _train_sp(texts, model, vocab_size, specials, character_coverage, max_sentence_length,
+              num_threads, input_sentence_size)
+  except RuntimeError as e:
+    raise ValueError(f"could not train {vocab_size} pieces (the corpus is too small?): "
+                     f"{str(e).splitlines()[0]}") from None
+  tok = Tokenizer(model.getvalue(), output or "")
+  if tok.vocab_size != vocab_size:
+    raise ValueError(f"trained {tok.vocab_size} pieces, not {vocab_size}: the corpus is too small")
+  if output:
+    tok.save(output)
+  return tok
+
+
+def _train_sp(texts, model, vocab_size, specials, character_coverage, max_sentence_length,
+              num_threads, input_sentence_size) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
       byte_fallback=True, split_digits=True, add_dummy_prefix=False,
@@ -147,9 +162,3 @@ def train(texts: Iterable[str], vocab_size: int, *, output: str | None = None,
       pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
       user_defined_symbols=specials, hard_vocab_limit=True, num_threads=num_threads,
       minloglevel=2)
-  tok = Tokenizer(model.getvalue(), output or "")
-  if tok.vocab_size != vocab_size:
-    raise ValueError(f"trained {tok.vocab_size} pieces, not {vocab_size}: the corpus is too small")
-  if output:
-    tok.save(output)
-  return tok

@@ -1,0 +1,5 @@
+"""The data side: tokenizer, `prepare` (text -> ArrayRecord shards), the grain pipeline, SFT.
+
+Trainer entry points: `maxgemma.data.pipeline.make_train_iterator` / `make_eval_iterator` and
+`maxgemma.data.checkpointing` (orbax args for the iterator state).
+"""

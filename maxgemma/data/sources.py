@@ -1,0 +1,112 @@
+"""`config.data.sources` parsing: "GLOB[:WEIGHT],GLOB[:WEIGHT]" -> prepared shard lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+from maxgemma.data import records
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One mixture component: shards of one kind, dtype and tokenizer, with a sampling weight."""
+  spec: str
+  weight: float
+  paths: tuple[str, ...]
+  kind: str  # pretrain | sft
+  token_dtype: str
+  tokenizer_fingerprint: str
+  manifests: tuple[str, ...]
+  documents: int
+
+
+def demo_dir() -> str:
+  """The packaged demo corpus, prepared (`maxgemma/data/assets`)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+  """[(glob, weight)] of "GLOB[:WEIGHT],..."; a weight is the part after the last ':' if numeric."""
+  out = []
+  for item in (s.strip() for s in spec.split(",")):
+    if not item:
+      continue
+    pattern, weight = item, 1.0
+    head, sep, tail = item.rpartition(":")
+    if sep and head:
+      try:
+        pattern, weight = head, float(tail)
+      except ValueError:
+        pass  # a ':' that is part of the path (gs://...)
+    if not weight > 0:
+      raise ValueError(f"source {item!r}: weight must be > 0")
+    out.append((pattern, weight))
+  return out
+
+
+def _shards_of(directory: str, split: str) -> tuple[dict, list[str]]:
+  manifest = records.read_manifest(directory)
+  paths = [os.path.join(directory, s["file"]) for s in manifest["shards"]
+           if s["split"] == split and s["documents"] > 0]
+  return manifest, paths
+
+
+def resolve(pattern: str, weight: float, split: str, *, setting: str) -> Source:
+  """The shards a source names: a prepared directory (its `split` shards) or a shard glob."""
+  pattern = pattern or demo_dir()
+  if os.path.isdir(pattern):
+    by_dir = {pattern: _shards_of(pattern, split)}
+  else:
+    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern))
+                     if m.endswith(".array_record"))
+    if not matches:
+      raise ValueError(f"{setting}: {pattern!r} matched no prepared .array_record shards nor a "
+                       "prepared directory; run `python -m maxgemma.data.prepare` first")
+    by_dir = {}
+    for m in matches:
+      directory = os.path.dirname(m) or "."
+      if directory not in by_dir:
+        manifest, _ = _shards_of(directory, split)
+        by_dir[directory] = (manifest, [])
+      listed = {s["file"]: s for s in by_dir[directory][0]["shards"]}
+      if os.path.basename(m) not in listed:
+        raise ValueError(f"{setting}: {m} is not listed in {directory}/manifest.json "
+                         "(unfinished or foreign shard)")
+      if listed[os.path.basename(m)]["documents"] > 0:
+        by_dir[directory][1].append(m)
+  manifests = [m for m, _ in by_dir.values()]
+  paths = [p for _, ps in by_dir.values() for p in ps]
+  for field in ("kind", "token_dtype"):
+    if len({m[field] for m in manifests}) > 1:
+      raise ValueError(f"{setting}: {pattern!r} mixes datasets of different {field}")
+  if len({m["tokenizer"]["fingerprint"] for m in manifests}) > 1:
+    raise ValueError(f"{setting}: {pattern!r} mixes datasets prepared with different tokenizers")
+  if not paths:
+    raise ValueError(f"{setting}: {pattern!r} has no {split!r} documents"
+                     + (" (prepare with --eval_fraction > 0, or set config.data.eval_sources)"
+                        if split == "eval" else ""))
+  counts = {os.path.join(d, s["file"]): s["documents"]
+            for d, (m, _) in by_dir.items() for s in m["shards"]}
+  docs = sum(counts[p] for p in paths)
+  return Source(spec=pattern, weight=weight, paths=tuple(paths), kind=manifests[0]["kind"],
+                token_dtype=manifests[0]["token_dtype"],
+                tokenizer_fingerprint=manifests[0]["tokenizer"]["fingerprint"],
+                manifests=tuple(os.path.join(d, records.MANIFEST) for d in by_dir),
+                documents=docs)
+
+
+def resolve_all(spec: str, split: str, *, setting: str, fingerprint: str | None) -> list[Source]:
+  """Every source of `spec` ("" = the demo corpus), checked against the tokenizer fingerprint."""
+  items = parse_sources(spec) or [("", 1.0)]
+  sources = [resolve(p, w, split, setting=setting) for p, w in items]
+  for s in sources:
+    if fingerprint is not None and s.tokenizer_fingerprint != fingerprint:
+      raise ValueError(
+          f"{setting}: {s.manifests[0]} was prepared with tokenizer fingerprint "
+          f"{s.tokenizer_fingerprint}, but config.data.tokenizer has fingerprint {fingerprint}; "
+          "set config.data.tokenizer to the tokenizer given to prepare (or re-prepare the data)")
+  if len({s.kind for s in sources}) > 1:
+    raise ValueError(f"{setting}: cannot mix pretraining and SFT sources in one run")
+  return sources
