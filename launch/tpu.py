@@ -298,9 +298,7 @@ def trainer_env(s: Settings) -> dict[str, str]:
 
 def _worker(s: Settings, what: str, *args: str) -> str:
   """A call of launch/worker.sh (shipped by setup) in ~/maxgemma on a worker."""
-  return (f"cd {REMOTE_DIR} 2>/dev/null || {{ echo \"$(hostname): maxgemma is not set up: run "
-          f"python -m launch.tpu setup\" >&2; exit 3; }}; "
-          + shlex.join(["bash", "launch/worker.sh", what, s.run_name, *args]))
+  return f"cd {REMOTE_DIR} && " + shlex.join(["bash", "launch/worker.sh", what, s.run_name, *args])
 
 
 def start_command(s: Settings, trainer_args: Sequence[str]) -> str:
@@ -525,7 +523,8 @@ def start(g: Gcloud, s: Settings, trainer_args: Sequence[str]) -> None:
   codes = g.run_all([ssh_cmd(s, node, "all", start_command(s, trainer_args)) for node in s.nodes])
   bad = [node for node, rc in zip(s.nodes, codes, strict=True) if rc]
   if bad:
-    raise LaunchError(f"starting the trainer failed on {', '.join(bad)} (see above); stop any "
+    raise LaunchError(f"starting the trainer failed on {', '.join(bad)} (see above; no "
+                      "~/maxgemma there means `python -m launch.tpu setup` has not run); stop any "
                       "half-started run with `python -m launch.tpu stop`")
 
 

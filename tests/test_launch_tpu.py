@@ -245,8 +245,7 @@ def test_run_one_pod_hostile_arguments_arrive_intact(fake, capsys, tmp_path):
                          "--env=NOTE=x; $(touch pwned3)", "--", *HOSTILE], capsys)
   assert rc == 0, err
   calls = fake.calls()
-  prefix = ("cd maxgemma 2>/dev/null || { echo \"$(hostname): maxgemma is not set up: run "
-            "python -m launch.tpu setup\" >&2; exit 3; }; ")
+  prefix = "cd maxgemma && "
   assert calls[:2] == [BUCKET, calls[1]] and len(calls) == 3
   assert calls[1][:-1] == ssh("gemma-pod", "all", "")[:-1]
   assert calls[2] == ssh("gemma-pod", "0", prefix + "bash launch/worker.sh stream train")
@@ -300,6 +299,16 @@ def test_worker_stop_ends_the_run_and_refuses_double_start(tmp_path):
   streamed = on_worker(home, tpu.stream_command(s))  # returns once the run is gone
   assert streamed.returncode == 255
   assert "stopped or killed" in on_worker(home, tpu.status_command(s)).stdout
+  empty = tmp_path / "not-set-up"
+  empty.mkdir()
+  assert on_worker(empty, tpu.start_command(s, [])).returncode != 0  # no ~/maxgemma: fails
+
+
+def test_start_failure_points_at_setup(fake, capsys):
+  fake.rules([{"match": ["worker.sh start"], "rc": 1}])
+  rc, _, err = run_main(["run", *POD], capsys)
+  assert rc == 2 and "starting the trainer failed on gemma-pod" in err and "setup" in err
+  assert not [c for c in fake.calls() if "worker.sh stream" in c[-1]]
 
 
 def test_run_trainer_failure_is_reported_with_its_code(fake, capsys):
@@ -343,7 +352,7 @@ def test_status_logs_stop_commands(fake, capsys):
   assert run_main(["logs", *POD, "--worker=3", "--lines=20", "--follow"], capsys)[0] == 0
   assert run_main(["stop", *PODS16], capsys)[0] == 0
   calls = fake.calls()
-  prefix = calls[1][-1].split("bash launch/worker.sh")[0].removeprefix("--command=")
+  prefix = "cd maxgemma && "
   assert calls[1] == ssh("gemma-pod", "all", prefix + "bash launch/worker.sh status train")
   assert calls[2] == ssh("gemma-pod", "3", prefix + "bash launch/worker.sh logs train 20 follow")
   stops = calls[3:]
