@@ -160,7 +160,9 @@ def make_optimizer(optim_cfg: Any, total_steps: int | None) -> optax.GradientTra
   The update is `-lr(t) * (adam(clip(g)) + weight_decay * mask * param)` (AdamW). Parameters are
   expected in float32 (the master weights); gradients are cast to float32 before any math, and
   the moments are stored in `optim.moments_dtype` ("float32" or "bfloat16"). The state counts the
-  steps that drive the schedule. `optim.clip_norm = 0` turns clipping off.
+  steps that drive the schedule. `optim.clip_norm = 0` turns clipping off. Works on plain or
+  flax-boxed (`nn.LogicallyPartitioned`) parameter trees; an optional `optim.decay_embeddings`
+  (default False) puts the embedding under weight decay.
   """
   lr_schedule = learning_rate_schedule(optim_cfg, total_steps)
   b1 = float(_get(optim_cfg, "b1", 0.9))

@@ -217,14 +217,16 @@ def test_decay_mask_on_model_params(scan_layers):
   assert {n for n, on in with_emb.items() if on} == decayed | {"embedder/input_embedding"}
 
 
-def test_weight_decay_skips_masked_model_params():
+@pytest.mark.parametrize("boxed", [False, True])
+def test_weight_decay_skips_masked_model_params(boxed):
   """With zero gradients, only weight decay moves parameters: exactly the masked-in ones."""
   rng = np.random.default_rng(2)
-  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype),
-                        nn.unbox(_model_params()[1]))
+  tree = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), _model_params()[1])
   opt = make_optimizer(_cfg(learning_rate=0.5, schedule="constant", warmup_steps=0,
                             weight_decay=0.2), 10)
-  updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+  tree = tree if boxed else nn.unbox(tree)
+  updates, _ = jax.jit(opt.update)(jax.tree.map(jnp.zeros_like, tree), opt.init(tree), tree)
+  params, updates = nn.unbox(tree), nn.unbox(updates)
   for name, u in _flat(updates).items():
     p = _flat(params)[name]
     if name in _expected_decayed(set(_flat(params))):
