@@ -78,7 +78,8 @@ def _encode_docs(tok: Tokenizer, kind: str, docs: list[tuple[int, object]], path
     texts = []
     for line, value in docs:
       if not isinstance(value, str):
-        _bad(BadRecordError(path, line, f"text must be a string, got {type(value).__name__}"),
+        kind = "null" if value is None else type(value).__name__
+        _bad(BadRecordError(path, line, f"text must be a string, got {kind}"),
              skip_bad, stats)
       elif value:
         texts.append(value)
@@ -125,7 +126,7 @@ def _run_unit(task: tuple[int, int, Unit, str, dict]) -> dict:
       nbytes += size
       if isinstance(value, BadRecordError):
         _bad(value, opts["skip_bad"], stats)
-      elif value is not None:
+      elif line:
         batch.append((line, value))
       if len(batch) >= _BATCH or (line == 0 and batch):
         tokens = 0

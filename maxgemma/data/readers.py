@@ -123,8 +123,9 @@ def read_unit(unit: Unit, field: str, text_docs: str = "paragraph"
     lines.pop()
   if unit.fmt == "jsonl":
     for i, raw in enumerate(lines):
-      line = unit.first_line + i
-      yield line, _json_value(raw, unit.path, line, field), len(raw) + 1
+      if raw.strip():  # blank lines hold no record
+        line = unit.first_line + i
+        yield line, _json_value(raw, unit.path, line, field), len(raw) + 1
   elif text_docs == "line":
     for i, raw in enumerate(lines):
       if raw.strip():
@@ -153,8 +154,6 @@ def _utf8(data: bytes, path: str, line: int) -> str | BadRecordError:
 
 
 def _json_value(raw: bytes, path: str, line: int, field: str) -> object:
-  if not raw.strip():
-    return None  # blank line: nothing to read
   text = _utf8(raw, path, line)
   if isinstance(text, BadRecordError):
     return text
