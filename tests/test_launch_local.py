@@ -56,28 +56,48 @@ def test_a_dying_process_stops_the_others(tmp_path):
   assert time.monotonic() - start < 45
 
 
-def test_sigterm_stops_every_child(tmp_path):
+def start_sleepers(tmp_path: Path) -> tuple[subprocess.Popen, dict[int, int]]:
+  """launch.local with 2 sleeping probe processes; returns it and {process index: pid}."""
   proc = subprocess.Popen([sys.executable, "-m", "launch.local", "--processes=2",
-                           f"--log_dir={tmp_path}", "--module=tests.multiproc_probe", "--",
-                           "--sleep=120"], cwd=REPO, stdout=subprocess.PIPE,
+                           f"--log_dir={tmp_path}", "--grace_s=2", "--module=tests.multiproc_probe",
+                           "--", "--sleep=120"], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  pids = []
+  pids: dict[int, int] = {}
   deadline = time.monotonic() + 30
   while len(pids) < 2 and time.monotonic() < deadline:
     time.sleep(0.1)
     for i in range(2):
       log = tmp_path / f"process_{i}.log"
       text = log.read_text() if log.exists() else ""
-      if "pid=" in text and i not in [p[0] for p in pids]:
-        pids.append((i, int(text.split("pid=")[1].split()[0])))
+      if "pid=" in text:
+        pids[i] = int(text.split("pid=")[1].split()[0])
   assert len(pids) == 2, "the children did not start"
+  return proc, pids
+
+
+def assert_gone(pid: int) -> None:
+  with pytest.raises(ProcessLookupError):
+    os.kill(pid, 0)
+
+
+def test_sigterm_stops_every_child(tmp_path):
+  proc, pids = start_sleepers(tmp_path)
   proc.send_signal(signal.SIGTERM)
-  out, err = proc.communicate(timeout=30)
+  _, err = proc.communicate(timeout=30)
   assert proc.returncode == 128 + signal.SIGTERM
   assert "got SIGTERM: stopped 2 running process(es)" in err
-  for _, pid in pids:
-    with pytest.raises(ProcessLookupError):
-      os.kill(pid, 0)
+  for pid in pids.values():
+    assert_gone(pid)
+
+
+def test_a_killed_process_stops_the_others(tmp_path):
+  proc, pids = start_sleepers(tmp_path)
+  os.kill(pids[1], signal.SIGKILL)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 1
+  assert (f"process 1 was killed by SIGKILL (log: {tmp_path / 'process_1.log'}); stopped the "
+          "other 1 running process(es)") in err
+  assert_gone(pids[0])
 
 
 def test_timeout_never_hangs(tmp_path):

@@ -465,6 +465,32 @@ def test_trainer_args_only_for_run(fake, capsys):
   assert rc == 2 and "only `run` takes them" in err
 
 
+def test_docs_show_what_dry_run_prints(capsys, tmp_path, monkeypatch):
+  """docs/tpu.md: its settings files, run through --dry_run, print exactly its command lines."""
+  monkeypatch.setenv("PATH", str(tmp_path))  # no gcloud needed for a dry run
+  doc = (REPO / "docs" / "tpu.md").read_text()
+  blocks = [b.split("```")[0] for b in doc.split("```toml\n")[1:]]
+  printed: dict[str, list[str]] = {}
+  for block in blocks:
+    name = block.splitlines()[0].removeprefix("# ")
+    (tmp_path / name).write_text(block)
+    lines = []
+    run_extra = ["--restart_on_preemption", "--", "--config.train.steps=20000"]
+    for cmd in ("create", "run", "status", "logs", "stop", "delete"):
+      extra = run_extra if cmd == "run" else []
+      rc, out, err = run_main([cmd, f"--settings={tmp_path / name}", "--dry_run", *extra], capsys)
+      assert rc == 0, err
+      lines += out.splitlines()
+    printed[name] = lines
+  assert set(printed) == {"pod.toml", "pods16.toml"}
+  documented = [line for line in doc.splitlines() if line.startswith("gcloud ")]
+  setup = [line for line in documented if " scp " in line or "--command=set -e" in line]
+  assert len(setup) == 2
+  everything = set(printed["pod.toml"]) | set(printed["pods16.toml"])
+  assert [line for line in documented if line not in everything and line not in setup] == []
+  assert [line for line in printed["pod.toml"] if line not in documented] == []
+
+
 def test_no_jax_import_under_launch():
   """A laptop without jax must run launch.tpu: importing it must not pull jax in."""
   code = ("import sys; import launch.tpu, launch.local; "
