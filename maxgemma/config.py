@@ -1,7 +1,7 @@
 """Experiment configuration: the shared defaults every `configs/*.py` file starts from.
 
-An experiment file defines `get_config()` returning `base_config()` with its changes; the command line
-overrides any key (`--config.train.steps=100`). Model sizes come from a named preset
+An experiment file defines `get_config()` returning `base_config()` with its changes; the command
+line overrides any key (`--config.train.steps=100`). Model sizes come from a named preset
 (`config.model.preset`); every `ModelConfig` field can be overridden under `config.model`.
 """
 
@@ -51,8 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
       tokenizer="",  # SentencePiece model path ("" = the packaged demo tokenizer)
       shuffle=True,
       packing=True,
+      packing_method="best_fit",  # best_fit | first_fit (grain packers)
+      packing_bins=64,  # rows packed at once: more bins, less padding
       worker_count=0,  # grain worker processes (0 = in the main process)
-      prefetch=2,
+      prefetch=2,  # batches prefetched in a background thread (0 = none)
   ))
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -64,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, global_batch=8, seq_len=128, seed=0, nan_policy="stop",  # stop | skip
+      loss_chunk=0,  # > 0: cross-entropy over chunks of this many positions (no full logits)
       eval_every=0, eval_steps=4, profile_steps="",  # "START:STOP" traces that step range
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep_last=3, keep_every=0,

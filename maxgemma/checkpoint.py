@@ -1,0 +1,133 @@
+"""Checkpoints: one orbax `CheckpointManager` (tensorstore underneath) per workdir.
+
+Layout: `WORKDIR/checkpoints/<step>/` with items
+  params     the parameter tree (scanned layout), sharded arrays
+  opt_state  the optimizer state (absent in a checkpoint written by `import_weights`)
+  data       the data iterator's position, one file per process
+  meta       JSON: step, the model config, the experiment config
+Orbax writes each step into a temporary directory and renames it when every item is complete, so a
+checkpoint is either whole or absent; saves are asynchronous (training goes on while they write).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from maxgemma.model.config import ModelConfig
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+  return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+  d = dict(d)
+  d["attention_pattern"] = tuple(d["attention_pattern"])
+  return ModelConfig(**d)
+
+
+_ARCH_FIELDS = ("family", "num_layers", "d_model", "ffn_dim", "num_heads", "num_kv_heads",
+                "head_dim", "vocab_size")
+
+
+def check_same_architecture(saved: ModelConfig, current: ModelConfig, where: str) -> None:
+  """Raises a clear error when a checkpoint holds a different model than the config asks for."""
+  diffs = [f"{f}: checkpoint {getattr(saved, f)!r} vs config {getattr(current, f)!r}"
+           for f in _ARCH_FIELDS if getattr(saved, f) != getattr(current, f)]
+  if diffs:
+    raise ValueError(f"{where} holds checkpoints of a different model ({'; '.join(diffs)}); use "
+                     "another --workdir or set config.model to match")
+
+
+class Checkpointer:
+  """Saves and restores train states (with the data position) in `workdir/checkpoints`."""
+
+  def __init__(self, workdir: str, ckpt_cfg: ml_collections.ConfigDict | None = None, *,
+               read_only: bool = False):
+    ckpt_cfg = ckpt_cfg or ml_collections.ConfigDict(dict(keep_last=3, keep_every=0,
+                                                          async_save=True))
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(ckpt_cfg.keep_last) or None,
+        keep_period=int(ckpt_cfg.keep_every) or None,
+        enable_async_checkpointing=bool(ckpt_cfg.async_save),
+        create=not read_only, read_only=read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (orbax never lists a half-written one)."""
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: dict, *, config: ml_collections.ConfigDict | None = None,
+           model_cfg: ModelConfig | None = None, data_args: Any = None, force: bool = True
+           ) -> bool:
+    """Starts an (async) save of `state` at `step`; returns whether a save was started."""
+    items: dict[str, Any] = {"params": ocp.args.StandardSave(state["params"])}
+    if "opt_state" in state:
+      items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
+    meta = {"step": int(step),
+            "model": model_config_to_dict(model_cfg) if model_cfg is not None else None,
+            "config": json.loads(config.to_json_best_effort()) if config is not None else None}
+    items["meta"] = ocp.args.JsonSave(meta)
+    if data_args is not None:
+      items["data"] = data_args
+    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+
+  def meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def item_names(self, step: int) -> set[str]:
+    path = self.directory / str(step)
+    return {p.name for p in path.iterdir() if p.is_dir()}
+
+  def restore(self, step: int, abstract: dict, shardings: dict, *, data_args: Any = None
+              ) -> dict:
+    """Restores onto `shardings` (any mesh: orbax reshards); missing opt_state is left out."""
+    names = self.item_names(step)
+    target = lambda tree, sh: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    items: dict[str, Any] = {
+        "params": ocp.args.StandardRestore(target(abstract["params"], shardings["params"]))}
+    if "opt_state" in names and "opt_state" in abstract:
+      items["opt_state"] = ocp.args.StandardRestore(
+          target(abstract["opt_state"], shardings["opt_state"]))
+    if data_args is not None and "data" in names:
+      items["data"] = data_args
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return {k: restored[k] for k in items if k != "data"}
+
+  def wait(self) -> None:
+    """Blocks until the in-flight async save has committed."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, ModelConfig, int]:
+  """(params as host numpy arrays in the scanned tree, model config, step) of a checkpoint."""
+  ckpt = Checkpointer(workdir, read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train first or pass "
+                            "the --workdir that holds one")
+  meta = ckpt.meta(step)
+  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore()))
+  params = jax.tree.map(lambda x: jax.device_get(x), restored["params"])
+  ckpt.close()
+  return params, model_config_from_dict(meta["model"]), step

@@ -1,0 +1,162 @@
+"""The device mesh and the one table that maps the model's logical axes onto it.
+
+Mesh axes: `data` (replicated data parallelism), `fsdp` (data parallelism with parameters and
+optimizer state sharded, ZeRO-3) and `tensor` (model parallelism). Each axis is DCN x ICI: the DCN
+factor (across slices/pods) is the outer, slow part; the ICI factor (inside a slice) the inner part.
+With this layout XLA reduces gradients hierarchically: a reduce-scatter inside the slice, then the
+smaller cross-slice reduction of the shard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. Parameters use the first block, activations (`act_*`) the second.
+# One table, no duplicates: FSDP vs tensor parallelism is the mesh shape, not a different table.
+RULES: tuple[tuple[str, Any], ...] = (
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+# Leaves with at least this many elements must not end up fully replicated on a sharded mesh.
+LARGE_LEAF = 1 << 20
+
+
+def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool = True
+              ) -> tuple[tuple[str, Any], ...]:
+  """The rules table; with `shard_params=False` parameters are replicated over `fsdp` (ZeRO-1/2:
+  only the optimizer state is sharded)."""
+  if params and mesh_cfg is not None and not mesh_cfg.get("shard_params", True):
+    return tuple((k, None if k == "embed" else v) for k, v in RULES)
+  return RULES
+
+
+def resolve_axes(mesh_cfg: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ici_shape, dcn_shape) over MESH_AXES with -1 resolved; clear errors when they do not fit."""
+  ici = [int(mesh_cfg[f"ici_{a}"]) for a in MESH_AXES]
+  dcn = [int(mesh_cfg[f"dcn_{a}"]) for a in MESH_AXES]
+  if math.prod(dcn) != num_slices and -1 not in dcn:
+    if num_slices == 1 and math.prod(dcn) > 1:
+      num_slices = math.prod(dcn)  # fake slices on CPU: the DCN axes split the devices
+    else:
+      raise ValueError(f"mesh.dcn_* multiply to {math.prod(dcn)} but there are {num_slices} "
+                       f"slices; set mesh.dcn_data/dcn_fsdp/dcn_tensor to multiply to {num_slices}")
+  dcn = _fill(dcn, num_slices, "dcn")
+  if num_devices % num_slices:
+    raise ValueError(f"{num_devices} devices do not split into {num_slices} equal slices")
+  ici = _fill(ici, num_devices // num_slices, "ici")
+  return tuple(ici), tuple(dcn)
+
+
+def _fill(sizes: list[int], total: int, kind: str) -> list[int]:
+  names = ", ".join(f"mesh.{kind}_{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh.{kind}_* axis may be -1 ('the rest'); got {names}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh.{kind}_* sizes must be positive or -1; got {names}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if total % known:
+      raise ValueError(f"{total} devices per {kind} group cannot be split as {names}")
+    sizes[sizes.index(-1)] = total // known
+  if math.prod(sizes) != total:
+    raise ValueError(f"the mesh {names} has {math.prod(sizes)} devices but {total} are "
+                     f"available; make the product of mesh.{kind}_* equal {total} (or use -1)")
+  return sizes
+
+
+def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh, each axis DCN-major then ICI, over `devices` (default all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  ici, dcn = resolve_axes(mesh_cfg, len(devices), len(slices))
+  if devices[0].platform == "tpu":
+    if len(slices) > 1:
+      grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    else:
+      grid = mesh_utils.create_device_mesh(ici, devices)
+  else:
+    # Elsewhere the devices are taken in order (process by process): DCN groups are contiguous.
+    grid = np.array(devices, dtype=object).reshape(*dcn, *ici)
+    grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici, strict=True)])
+  return Mesh(grid, MESH_AXES)
+
+
+def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+              rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
+  """The mesh PartitionSpec for one array; a dimension that does not divide stays replicated."""
+  if logical is None:
+    return PartitionSpec()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(logical, shape, strict=True):
+    axes = table.get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      out.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      out.append(None)
+  return PartitionSpec(*out)
+
+
+def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for a tree of boxed (logically annotated) abstract arrays, unboxed."""
+  logical = nn.get_partition_spec(abstract_tree)
+  shapes = nn.unbox(abstract_tree)
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, mesh_spec(spec, x.shape, mesh, rules)),
+      logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """[batch, length] inputs: batch over the data-parallel axes."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_sufficiently_sharded(shardings: Any, abstract: Any, mesh: Mesh, what: str = "state"
+                               ) -> None:
+  """Refuses a large leaf left fully replicated on a mesh that could shard it."""
+  if mesh.size == 1 or mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+    return
+  flat = jax.tree_util.tree_leaves_with_path(nn.unbox(abstract))
+  for (path, x), sharding in zip(flat, jax.tree.leaves(shardings), strict=True):
+    if x.size >= LARGE_LEAF and all(p is None for p in sharding.spec):
+      raise ValueError(
+          f"{what} leaf {jax.tree_util.keystr(path)} {tuple(x.shape)} would be fully replicated "
+          f"on mesh {dict(mesh.shape)}: no dimension divides the fsdp/tensor axes under "
+          f"maxgemma.sharding.RULES; change the mesh shape or the model sizes so one does")
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles this process's rows of every input into global arrays sharded over the batch."""
+  sharding = batch_sharding(mesh)
+  n = jax.process_count()
+  return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
+          for k, v in local.items()}

@@ -1,0 +1,1 @@
+"""The training machinery: sharded state, the jitted step, checkpoints and the loop."""
