@@ -317,8 +317,8 @@ def status_command(s: Settings) -> str:
   return _worker(s, "status")
 
 
-def stop_command(s: Settings) -> str:
-  return _worker(s, "stop")
+def stop_command(s: Settings, grace_s: int = 30) -> str:
+  return _worker(s, "stop", str(int(grace_s)))
 
 
 def logs_command(s: Settings, lines: int, follow: bool) -> str:
@@ -589,7 +589,8 @@ def do_logs(g: Gcloud, s: Settings, opts: argparse.Namespace) -> int:
 
 
 def do_stop(g: Gcloud, s: Settings, opts: argparse.Namespace) -> int:
-  codes = g.run_all([ssh_cmd(s, node, "all", stop_command(s)) for node in s.nodes])
+  codes = g.run_all([ssh_cmd(s, node, "all", stop_command(s, opts.grace_s))
+                     for node in s.nodes])
   return 1 if any(codes) else 0
 
 
@@ -650,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
   logs.add_argument("--slice", type=int, default=0, help="which slice's node (multislice)")
   logs.add_argument("--lines", type=int, default=100)
   logs.add_argument("--follow", action="store_true")
-  sub.add_parser("stop", parents=[common], help="stop the trainer on every worker")
+  stop = sub.add_parser("stop", parents=[common], help="stop the trainer on every worker")
+  stop.add_argument("--grace_s", type=int, default=30,
+                    help="SIGTERM, then SIGKILL after this many seconds")
   sub.add_parser("delete", parents=[common], help="delete the TPU VM / queued resource")
   return parser
 

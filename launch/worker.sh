@@ -5,7 +5,9 @@
 #                                      ends, its exit code to logs/RUN.exit
 #   worker.sh stream RUN               follow logs/RUN.log until the run ends; exit with its code
 #                                      (255 when unknown: killed, or never started)
-#   worker.sh status RUN | stop RUN | logs RUN LINES [follow]
+#   worker.sh stop RUN [GRACE_S]        SIGTERM to the run's process group, SIGKILL after GRACE_S
+#                                      (default 30: jax catches SIGTERM as a preemption notice)
+#   worker.sh status RUN | logs RUN LINES [follow]
 # Arguments are used as given ("$@"): nothing here re-parses them.
 set -u
 what=${1:?usage: worker.sh start|stream|status|stop|logs RUN ...}
@@ -15,7 +17,8 @@ log=logs/$run.log
 pid=logs/$run.pid
 code=logs/$run.exit
 host=$(hostname)
-alive() { [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; }
+# The run is alive while any process of its process group is (setsid: group id = the pid saved).
+alive() { [ -f "$pid" ] && kill -0 -- "-$(cat "$pid")" 2>/dev/null; }
 mkdir -p logs
 
 case $what in
@@ -49,10 +52,17 @@ case $what in
     fi
     ;;
   stop)
-    if alive && kill -TERM -- "-$(cat "$pid")" 2>/dev/null; then
-      echo "$host: sent SIGTERM to $run (process group $(cat "$pid"))"
+    grace=${1:-30}
+    if ! alive; then echo "$host: $run was not running"; exit 0; fi
+    group=$(cat "$pid")
+    kill -TERM -- "-$group" 2>/dev/null
+    for _ in $(seq $((grace * 10))); do alive || break; sleep 0.1; done
+    if alive; then
+      kill -KILL -- "-$group" 2>/dev/null
+      for _ in $(seq 50); do alive || break; sleep 0.1; done
+      echo "$host: $run ignored SIGTERM for ${grace}s: sent SIGKILL to process group $group"
     else
-      echo "$host: $run was not running"
+      echo "$host: stopped $run (process group $group)"
     fi
     ;;
   logs)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -217,7 +218,8 @@ def test_setup_16_pods_covers_every_node(fake, capsys, tmp_path):
 
 # ---------------------------------------------------------------------------- run
 
-def fake_worker_home(tmp_path: Path, exit_code: int = 0, sleep: float = 0.0) -> Path:
+def fake_worker_home(tmp_path: Path, exit_code: int = 0, sleep: float = 0.0,
+                     ignore_sigterm: bool = False) -> Path:
   """A worker's home: ~/maxgemma/launch/worker.sh and a fake .venv/bin/python echoing its argv."""
   home = tmp_path / "worker"
   (home / "maxgemma" / "launch").mkdir(parents=True)
@@ -225,7 +227,8 @@ def fake_worker_home(tmp_path: Path, exit_code: int = 0, sleep: float = 0.0) -> 
   shutil.copy(REPO / "launch" / "worker.sh", home / "maxgemma" / "launch" / "worker.sh")
   python = home / "maxgemma" / ".venv" / "bin" / "python"
   python.write_text(
-      f"#!{sys.executable}\nimport json, os, sys, time\n"
+      f"#!{sys.executable}\nimport json, os, signal, sys, time\n"
+      + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_sigterm else "") +
       "print(json.dumps({'argv': sys.argv[1:], 'env': {k: v for k, v in os.environ.items() "
       "if k.startswith(('MAXGEMMA', 'NOTE'))}}), flush=True)\n"
       f"time.sleep({sleep})\nsys.exit({exit_code})\n")
@@ -295,13 +298,25 @@ def test_worker_stop_ends_the_run_and_refuses_double_start(tmp_path):
   again = on_worker(home, tpu.start_command(s, []))
   assert again.returncode == 3 and "still active" in again.stderr
   assert "train running" in on_worker(home, tpu.status_command(s)).stdout
-  assert "sent SIGTERM" in on_worker(home, tpu.stop_command(s)).stdout
+  assert "stopped train" in on_worker(home, tpu.stop_command(s)).stdout
   streamed = on_worker(home, tpu.stream_command(s))  # returns once the run is gone
   assert streamed.returncode == 255
   assert "stopped or killed" in on_worker(home, tpu.status_command(s)).stdout
   empty = tmp_path / "not-set-up"
   empty.mkdir()
   assert on_worker(empty, tpu.start_command(s, [])).returncode != 0  # no ~/maxgemma: fails
+
+
+def test_worker_stop_kills_a_trainer_that_ignores_sigterm(tmp_path):
+  """jax catches SIGTERM (a preemption notice): stop must still end the run."""
+  s = tpu.validate(tpu.Settings(name="p", zone=ZONE, accelerator_type="v5litepod-16"))
+  home = fake_worker_home(tmp_path, sleep=60, ignore_sigterm=True)
+  assert on_worker(home, tpu.start_command(s, [])).returncode == 0
+  time.sleep(0.5)  # let the fake trainer install its handler
+  stopped = on_worker(home, tpu.stop_command(s, grace_s=1))
+  assert "ignored SIGTERM for 1s: sent SIGKILL" in stopped.stdout, stopped
+  status = on_worker(home, tpu.status_command(s)).stdout
+  assert "running" not in status, status
 
 
 def test_start_failure_points_at_setup(fake, capsys):
@@ -357,7 +372,7 @@ def test_status_logs_stop_commands(fake, capsys):
   assert calls[2] == ssh("gemma-pod", "3", prefix + "bash launch/worker.sh logs train 20 follow")
   stops = calls[3:]
   assert sorted(c[5] for c in stops) == sorted(f"gemma-7b-{i}" for i in range(16))
-  assert {c[-1] for c in stops} == {f"--command={prefix}bash launch/worker.sh stop train"}
+  assert {c[-1] for c in stops} == {f"--command={prefix}bash launch/worker.sh stop train 30"}
 
 
 # ---------------------------------------------------------------------------- dry run, settings
