@@ -25,6 +25,10 @@ from maxgemma.model.config import ModelConfig
 CHECKPOINT_DIR = "checkpoints"
 
 
+class CorruptCheckpointError(RuntimeError):
+  """A complete-looking checkpoint whose files cannot be read back."""
+
+
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
   return dataclasses.asdict(cfg)
 
@@ -106,7 +110,15 @@ class Checkpointer:
           target(abstract["opt_state"], shardings["opt_state"]))
     if data_args is not None and "data" in names:
       items["data"] = data_args
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged checkpoint
+      others = [s for s in self.all_steps() if s != step]
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+      raise CorruptCheckpointError(
+          f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
+          f"{first}); move that directory aside to resume from an earlier step "
+          f"({others or 'none left'}); nothing was deleted") from e
     return {k: restored[k] for k in items if k != "data"}
 
   def wait(self) -> None:

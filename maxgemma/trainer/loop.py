@@ -1,0 +1,186 @@
+"""The training loop: one function from a config and a workdir to a trained, checkpointed model.
+
+Every scale runs this loop: the mesh, the state's shardings and the data shard per process come from
+the config. Checkpoints hold params, optimizer state, step and data position; a run resumes from the
+newest complete checkpoint in its workdir, on any mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from maxgemma import config as config_lib
+from maxgemma import distributed, metrics, optim, sharding
+from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
+from maxgemma.data import checkpointing as data_ckpt
+from maxgemma.data import pipeline
+from maxgemma.model import flops
+from maxgemma.trainer import state as state_lib
+from maxgemma.trainer import step as step_lib
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a NaN/Inf loss or gradient (and `train.nan_policy` is "stop")."""
+
+
+class _Preemption:
+  """When to stop for a preemption (then the loop saves and exits 0).
+
+  Several processes must agree on the step: jax.distributed's preemption service (which catches
+  SIGTERM and the TPU maintenance notice) gives that sync point. A single process turns SIGTERM
+  into a flag checked between steps.
+  """
+
+  def __init__(self, ckpt: Checkpointer):
+    self._ckpt = ckpt
+    self._flag = False
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    return self._flag or self._ckpt.manager.reached_preemption(step)
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  B, k = cfg.train.global_batch, cfg.optim.grad_accum_steps
+  if B % dp or B % k or (B // k) % dp:
+    raise ValueError(f"train.global_batch ({B}) must be divisible by the data-parallel size "
+                     f"data x fsdp = {dp} (and by optim.grad_accum_steps ({k}) into micro-batches "
+                     f"that still are); try train.global_batch={dp * k * max(1, B // (dp * k))}")
+
+
+def _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt: Checkpointer, data_iter,
+                       workdir: str) -> dict:
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state_lib.create_state(model_cfg, tx, shardings, seed=cfg.train.seed)
+  meta = ckpt.meta(latest)
+  if meta.get("model"):
+    check_same_architecture(model_config_from_dict(meta["model"]), model_cfg, workdir)
+  restored = ckpt.restore(latest, abstract, shardings,
+                          data_args=data_ckpt.data_restore_args(data_iter))
+  if "opt_state" not in restored:  # imported weights: a fresh optimizer on the restored params
+    restored["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
+        restored["params"])
+  restored["step"] = jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32),
+                                    shardings["step"])
+  logging.info("resumed from %s at step %d", ckpt.directory / str(latest), meta["step"])
+  return restored
+
+
+def _evaluate(cfg, eval_step, params, mesh) -> float:
+  it = pipeline.make_eval_iterator(cfg.data, seq_len=cfg.train.seq_len,
+                                   global_batch=cfg.train.global_batch, seed=cfg.train.seed,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  nll, weight = 0.0, 0.0
+  for _ in range(cfg.train.eval_steps):
+    out = eval_step(params, sharding.global_batch(next(it), mesh))
+    nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
+  return nll / max(weight, 1.0)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains to `cfg.train.steps`, resuming from `workdir`; returns the last logged metrics."""
+  distributed.initialize(cfg.distributed)
+  config_lib.check_keys(cfg)
+  model_cfg = config_lib.model_config(cfg)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  logging.info("%s", distributed.process_summary())
+  logging.info("config:\n%s", cfg)
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  _check_batch(cfg, mesh)
+  total = int(cfg.train.steps)
+  tx = optim.make_optimizer(cfg.optim, total)
+  schedule = optim.learning_rate_schedule(cfg.optim, total)
+  abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
+  data_iter = pipeline.make_train_iterator(
+      cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
+      seed=cfg.train.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  ckpt = Checkpointer(workdir, cfg.checkpoint)
+  state = _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt, data_iter, workdir)
+  start = int(jax.device_get(state["step"]))
+
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
+                                       shardings, mesh)
+  eval_step = jax.jit(step_lib.make_eval_step(model_cfg),
+                      in_shardings=(shardings["params"], sharding.batch_sharding(mesh)))
+  tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+  flops_per_step = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens_per_step
+  peak = metrics.peak_flops_per_device(cfg.metrics.peak_flops_per_device)
+  writer = metrics.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
+  profile = tuple(int(s) for s in cfg.train.profile_steps.split(":")) \
+      if cfg.train.profile_steps else None
+  preemption = _Preemption(ckpt)
+  last: dict[str, Any] = {}
+  clock = {"t": time.perf_counter()}
+
+  def emit(step: int, values: dict) -> None:
+    now = time.perf_counter()
+    step_time, clock["t"] = now - clock["t"], now
+    if not values.pop("finite"):
+      bad = {k: values[k] for k in ("loss", "grad_norm")}
+      message = f"step {step}: non-finite {bad}; the update was not applied"
+      if cfg.train.nan_policy != "skip":
+        raise NonFiniteError(message + " (train.nan_policy=stop; no checkpoint written)")
+      logging.warning("%s; skipping the batch (train.nan_policy=skip)", message)
+    values.update(step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
+                  mfu=metrics.mfu(flops_per_step, step_time, jax.device_count(), peak))
+    if step % cfg.metrics.log_every == 0 or step == total:
+      writer.write(step, values)
+    last.clear()
+    last.update(step=step, **values)
+
+  buffer = metrics.MetricsBuffer(emit)
+  try:
+    with step_lib.rules_scope(mesh, cfg.mesh):
+      for step in range(start, total):
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, step_metrics = train_step(state, batch)
+        buffer.push(step + 1, step_metrics)
+        if profile and step + 1 == profile[1]:
+          jax.profiler.stop_trace()
+        done = step + 1
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+          writer.write(done, {"eval_loss": _evaluate(cfg, eval_step, state["params"], mesh)})
+        preempted = preemption.reached(done)
+        if done % cfg.checkpoint.every == 0 or done == total or preempted:
+          buffer.flush()  # never checkpoint past a step whose metrics were not checked
+          ckpt.save(done, state, config=cfg, model_cfg=model_cfg,
+                    data_args=data_ckpt.data_save_args(data_iter))
+        if preempted:
+          logging.warning("preempted: checkpoint at step %d, exiting", done)
+          break
+      buffer.flush()
+  finally:
+    preemption.restore()
+    ckpt.close()
+    writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "last_metrics.json"), "w") as f:
+      json.dump(last, f)
+  return last

@@ -1,0 +1,164 @@
+"""The trainer end to end: resume, preemption, cross-mesh restore, metrics, bad input."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from maxgemma import checkpoint
+from maxgemma.model import flops
+from maxgemma.trainer.loop import train
+from tests.train_utils import (PEAK, ROOT, env, logged, losses_by_step, run_train, tiny_config,
+                               train_command)
+
+
+def test_trains_checkpoints_and_logs_consistent_metrics(tmp_path):
+  cfg = tiny_config(**{"train.steps": 6, "checkpoint.every": 3})
+  last = train(cfg, str(tmp_path))
+  assert last["step"] == 6
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [3, 6]
+  records = [r for r in logged(str(tmp_path)) if "loss" in r]
+  assert [r["step"] for r in records] == list(range(1, 7))
+  model_cfg = checkpoint.load_params(str(tmp_path))[1]
+  tokens = cfg.train.global_batch * cfg.train.seq_len
+  flops_per_step = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens
+  for r in records:
+    assert r["tokens_per_sec"] == pytest.approx(tokens / r["step_time"], rel=1e-9)
+    assert r["mfu"] == pytest.approx(flops_per_step / (r["step_time"] * 8 * PEAK), rel=1e-9)
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def _kill_when(proc, workdir, condition, timeout=240):
+  start = time.time()
+  while time.time() - start < timeout:
+    if proc.poll() is not None:
+      return False
+    if condition(workdir):
+      proc.kill()
+      proc.wait()
+      return True
+    time.sleep(0.005)
+  raise TimeoutError("the training process made no progress")
+
+
+def _saving(workdir):
+  ckpts = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpts) and any("tmp" in d for d in os.listdir(ckpts))
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_resume_is_bit_identical(tmp_path):
+  args = ["--config.train.steps=16", "--config.checkpoint.every=2"]
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  assert run_train(ref, *args).returncode == 0
+  rng = random.Random(0)
+  kills = {"during a save": _saving}
+  for _ in range(2):
+    n = rng.randint(3, 12)  # during a step: once n steps are logged
+    kills[f"after {n} logged steps"] = lambda w, n=n: len(logged(w)) >= n
+  killed = []
+  for name, condition in kills.items():
+    proc = subprocess.Popen(train_command(run, *args), env=env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if _kill_when(proc, run, condition):
+      killed.append(name)
+  assert killed, "no kill landed"
+  final = run_train(run, *args)
+  assert final.returncode == 0, final.stderr[-2000:]
+
+  ref_params, _, ref_step = checkpoint.load_params(ref)
+  params, _, step = checkpoint.load_params(run)
+  assert step == ref_step == 16
+  for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  ref_losses = losses_by_step(ref)
+  for step_no, values in losses_by_step(run).items():
+    assert all(v == ref_losses[step_no][0] for v in values), (step_no, values)  # bit-identical
+  assert set(losses_by_step(run)) == set(ref_losses)
+  print("killed:", killed)
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(train_command(workdir, "--config.train.steps=1000",
+                                        "--config.checkpoint.every=1000"),
+                          env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while len(logged(workdir)) < 3 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  saved = checkpoint.Checkpointer(workdir).latest_step()
+  assert saved is not None and saved >= 3
+  assert saved == max(r["step"] for r in logged(workdir))  # the step it was on, nothing lost
+
+
+@pytest.mark.slow
+def test_checkpoint_restores_onto_other_meshes_and_continues(tmp_path):
+  common = {"train.steps": 6, "checkpoint.every": 4}
+  # Uninterrupted reference on data 8, and the run whose step-4 checkpoint the others resume.
+  train(tiny_config(**common, **{"mesh.ici_data": 8}), str(tmp_path / "ref"))
+  reference = losses_by_step(str(tmp_path / "ref"))
+  base = tmp_path / "base"
+  train(tiny_config(**{**common, "train.steps": 4}, **{"mesh.ici_data": 8}), str(base))
+  for name, overrides, devices in [
+      ("data2_tensor4", ["--config.mesh.ici_data=2", "--config.mesh.ici_tensor=4"], 8),
+      ("one_device", ["--config.mesh.ici_data=1"], 1)]:
+    workdir = tmp_path / name
+    os.system(f"cp -r {base} {workdir}")
+    result = run_train(str(workdir), "--config.train.steps=6", "--config.checkpoint.every=4",
+                       *overrides, devices=devices)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = losses_by_step(str(workdir))
+    for step_no in (5, 6):
+      np.testing.assert_allclose(resumed[step_no][-1], reference[step_no][0], rtol=1e-5,
+                                 err_msg=name)
+
+
+def test_unknown_config_key_names_the_nearest(tmp_path):
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.train.stpes = 3
+  with pytest.raises(ValueError, match="unknown config key 'train.stpes'; did you mean train.steps"):
+    train(cfg, str(tmp_path))
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path):
+  with pytest.raises(ValueError, match=r"train.global_batch \(6\) must be divisible by the "
+                                       r"data-parallel size data x fsdp = 8"):
+    train(tiny_config(**{"train.global_batch": 6}), str(tmp_path))
+
+
+def test_workdir_of_another_model_is_refused_and_kept(tmp_path):
+  train(tiny_config(**{"train.steps": 2, "checkpoint.every": 2}), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(ValueError, match="holds checkpoints of a different model.*num_layers"):
+    train(tiny_config(**{"train.steps": 4, "model.num_layers": 2}), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_corrupt_checkpoint_gets_a_clear_error_and_is_kept(tmp_path):
+  train(tiny_config(**{"train.steps": 4, "checkpoint.every": 2}), str(tmp_path))
+  params_dir = tmp_path / "checkpoints" / "4" / "params"
+  for root, _, files in os.walk(params_dir):
+    for f in files:
+      if "manifest" in f or f.endswith(".ocdbt") or "d" == os.path.basename(root):
+        os.remove(os.path.join(root, f))
+  with pytest.raises(checkpoint.CorruptCheckpointError,
+                     match=r"checkpoints/4 cannot be restored .*earlier step \(\[2\]\)"):
+    train(tiny_config(**{"train.steps": 6}), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+
+
+def test_nan_stops_without_a_checkpoint(tmp_path):
+  cfg = tiny_config(**{"train.steps": 4, "checkpoint.every": 1, "optim.learning_rate": 1e30,
+                       "optim.warmup_steps": 0, "optim.clip_norm": 0.0})
+  with pytest.raises(RuntimeError, match=r"step \d+: non-finite .*no checkpoint written"):
+    train(cfg, str(tmp_path))
