@@ -297,3 +297,14 @@ def test_two_processes_get_disjoint_shards_covering_each_document_once(data, tmp
                  for tokens, targets in rows])
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == list(range(N_DOCS))  # each document exactly once
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_shuffle_is_a_seeded_permutation(n):
+  from maxgemma.data.shuffle import permute
+  a = permute(np.arange(n), n, seed=11)
+  assert sorted(a.tolist()) == list(range(n))
+  assert (permute(np.arange(n), n, seed=11) == a).all()
+  if n >= 64:
+    assert (permute(np.arange(n), n, seed=12) != a).any()
+    assert (a != np.arange(n)).mean() > 0.9

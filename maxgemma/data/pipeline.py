@@ -1,11 +1,12 @@
 """The grain input pipeline: shuffled, per-process sharded, packed, mixed, prefetched batches.
 
-Per source: ArrayRecord documents -> global shuffle (reshuffled each epoch, from the seed) ->
-this process's slice [process_index::process_count] -> decode into next-token chunks of at most
-seq_len -> (worker-process prefetch) -> packing into rows. Sources are mixed row by row by
-weight, then rows are batched and prefetched in a thread. Every stage is deterministic and
-checkpointable, so the data order is a pure function of (seed, step) for a given world size;
-worker processes only decode documents in order, so worker_count does not change it.
+Per source: a global document order (a seeded permutation per epoch, `shuffle.permute`) of
+which this process reads every process_count-th document -> ArrayRecord reads in groups of 64
+-> next-token chunks of at most seq_len (targets never cross documents) -> (worker-process
+prefetch of groups, order kept) -> grain packing into rows (segment_ids, positions). Sources
+are mixed row by row by weight (grain mix), rows are batched and prefetched in a thread. Every
+stage is deterministic and checkpointable: the data order is a pure function of (seed, step)
+for a given world size, and worker_count does not change it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ from typing import Any
 import grain
 import numpy as np
 from absl import flags
+from array_record.python.array_record_module import ArrayRecordReader
 
 from maxgemma.data import records
+from maxgemma.data.shuffle import permute
 from maxgemma.data.sources import Source, resolve_all
 from maxgemma.data.tokenizer import load_tokenizer
 
 __all__ = ["DataIterator", "make_eval_iterator", "make_train_iterator"]
 
 _MAX_FAN_OUT = 1 << 20  # chunks per document (grain's flat-map bound)
+
+
+_READ_GROUP = 64  # documents read and chunked per pipeline element (amortizes grain overhead)
+_GROUPS = 1 << 48  # "infinite" number of groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +51,71 @@ class _Chunker:
     n = len(ids) - 1
     if n <= 0:
       return []
-    weights = mask[1:].astype(np.int32) if mask is not None else np.ones(n, np.int32)
-    rows = np.stack([ids[:-1], ids[1:], weights], axis=-1)
+    rows = np.empty((n, 3), np.int32)
+    rows[:, 0], rows[:, 1] = ids[:-1], ids[1:]
+    rows[:, 2] = mask[1:] if mask is not None else 1
     return [rows[s:s + self.seq_len] for s in range(0, n, self.seq_len)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Order:
+  """Which documents this process reads, in order: a pure function of the group number.
+
+  Global stream position q = p * process_count + process_index for this process's p-th
+  document, so processes interleave over one global order and each epoch (n consecutive global
+  positions) covers every document exactly once. Epoch e of the global order is the seeded
+  permutation `permute(., n, seed(e))` (a new shuffle each epoch), or the identity.
+  """
+  n: int
+  process_index: int
+  process_count: int
+  seed: int | None  # None: no shuffle
+
+  def __call__(self, group: int) -> np.ndarray:
+    p = np.arange(group * _READ_GROUP, (group + 1) * _READ_GROUP, dtype=np.int64)
+    epoch, j = np.divmod(p * self.process_count + self.process_index, self.n)
+    if self.seed is None:
+      return j
+    for e in np.unique(epoch).tolist():
+      at = epoch == e
+      j[at] = permute(j[at], self.n, _seed(self.seed, e))
+    return j
+
+
+class _ReadChunks:
+  """Group number -> the chunks of that group's documents, in order (one pipeline element).
+
+  Reads with ArrayRecord directly (random access, no read-ahead): about 3x cheaper per record
+  than grain's data source, which matters for short documents.
+  """
+
+  def __init__(self, source: Source, order: _Order, chunker: _Chunker):
+    self.source, self.order, self.chunker = source, order, chunker
+    self._readers, self._starts = None, None
+
+  def __getstate__(self) -> dict:  # worker processes open their own readers
+    return {"source": self.source, "order": self.order, "chunker": self.chunker}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["source"], state["order"], state["chunker"])
+
+  def _open(self) -> None:
+    self._readers = [ArrayRecordReader(p, "readahead_buffer_size:0") for p in self.source.paths]
+    counts = [r.num_records() for r in self._readers]
+    if sum(counts) != self.source.documents:
+      raise ValueError(f"{self.source.spec}: shards hold {sum(counts)} records, the manifest "
+                       f"says {self.source.documents} (files replaced?)")
+    self._starts = np.cumsum([0, *counts])
+
+  def __call__(self, group: int) -> list[np.ndarray]:
+    if self._readers is None:
+      self._open()
+    docs = self.order(group)
+    files = np.searchsorted(self._starts, docs, side="right") - 1
+    out = []
+    for doc, f in zip(docs.tolist(), files.tolist(), strict=True):
+      out += self.chunker(self._readers[f].read([doc - int(self._starts[f])])[0])
+    return out
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
@@ -95,12 +164,11 @@ def _seed(*parts: int) -> int:
 def _rows(source: Source, index: int, data_cfg: Any, *, seq_len: int, seed: int, train: bool,
           process_index: int, process_count: int) -> grain.IterDataset:
   """Packed (or padded) rows of one source for this process."""
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(source.paths)))
-  if train and data_cfg.shuffle:
-    ds = ds.shuffle(_seed(seed, index, 0))  # a different permutation every epoch
-  ds = ds.repeat(None)  # infinite; eval restarts from its beginning with a fresh iterator
-  ds = ds[process_index::process_count]  # disjoint; all processes cover each epoch once
-  ds = ds.map(_Chunker(seq_len, source.token_dtype, source.kind == "sft"))
+  shuffle_seed = _seed(seed, index, 0) if train and data_cfg.shuffle else None
+  order = _Order(source.documents, process_index, process_count, shuffle_seed)
+  chunker = _Chunker(seq_len, source.token_dtype, source.kind == "sft")
+  # Infinite: group g holds this process's documents g*G .. g*G+G-1 (epochs follow each other).
+  ds = grain.MapDataset.range(_GROUPS).map(_ReadChunks(source, order, chunker))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if data_cfg.worker_count > 0:  # 1:1 stage: workers' round-robin output keeps the order
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags when starting workers
