@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import pkgutil
+import platform
 import re
 import shutil
 import sys
@@ -121,6 +122,7 @@ def build(assets: str = ASSETS, *, max_bytes: int = MAX_BYTES, vocab_size: int =
     manifest["tokenizer"]["path"] = "tokenizer.model"
     manifest["plan"]["tokenizer"]["path"] = "tokenizer.model"
     manifest["plan"]["inputs"] = [{"path": "corpus.jsonl"}]
+    manifest["built_with_python"] = platform.python_version()  # docstrings vary by version
     with open(os.path.join(assets, "manifest.json"), "w") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
   return manifest
