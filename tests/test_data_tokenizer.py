@@ -111,3 +111,16 @@ def test_chat_template_matches_gemma_format():
 def test_chat_template_rejects_bad_messages(messages, match):
   with pytest.raises(ValueError, match=match):
     chat_template(messages)
+
+
+def test_train_tokenizer_cli_reads_jsonl(tmp_path):
+  import json
+
+  from maxgemma.data.train_tokenizer import main
+  src = tmp_path / "c.jsonl"
+  src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _CORPUS))
+  assert main([f"--input={src}", "--vocab_size=420", f"--output={tmp_path}/t.model"]) == 0
+  tok = tok_lib.load(str(tmp_path / "t.model"))
+  assert tok.vocab_size == 420 and tok.decode(tok.encode(_CORPUS[1])) == _CORPUS[1]
+  assert main([f"--input={tmp_path}/none*.jsonl", "--vocab_size=400",
+               f"--output={tmp_path}/u.model"]) == 2
