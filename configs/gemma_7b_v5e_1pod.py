@@ -1,0 +1,28 @@
+"""Gemma 1 7B on one v5e-256 pod: 16-way model (tensor) x 16-way data with ZeRO-3 (fsdp).
+
+The in-pod layout of the Gemma report's 7B run (16 pods: configs/gemma_7b_v5e_16pods.py).
+Compile it for the real TPU on a CPU machine (prints per-chip memory, FLOPs, roofline time):
+
+  python -m maxgemma.compile --config=configs/gemma_7b_v5e_1pod.py --topology=v5e:16x16
+
+Train on a v5e-256 (see docs/tpu.md):
+
+  python -m maxgemma.train --config=configs/gemma_7b_v5e_1pod.py --workdir=gs://BUCKET/7b
+"""
+
+from maxgemma.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.preset = "gemma1_7b"
+  c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
+  c.model.remat_policy = "full"
+  c.train.seq_len = 8192
+  # 1M tokens a step (docs/aot.md: per-chip peak against the 15.75 GiB usable).
+  c.train.global_batch = 128
+  c.train.loss_chunk = 1024  # no [B, 8192, 256128] float32 logits
+  c.mesh.ici_data = 1
+  c.mesh.ici_fsdp = 16
+  c.mesh.ici_tensor = 16
+  return c

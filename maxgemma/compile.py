@@ -1,0 +1,384 @@
+"""Ahead-of-time compile of the real train step for a TPU topology, on a machine without a TPU.
+
+  python -m maxgemma.compile --config=configs/gemma_7b_v5e_1pod.py [--config.key=value ...] \
+      [--topology=v5e:16x16] [--num_slices=N] [--target_mfu=0.5] [--json_out=FILE]
+
+libtpu (`jax[tpu]`) describes the devices of `num_slices` slices of `topology`; the mesh of
+`config.mesh` is laid over them, the state is abstract (sharded `jax.ShapeDtypeStruct`s, nothing is
+allocated) and the trainer's own jitted step (explicit shardings, donated state) is lowered and
+compiled by the TPU compiler. The report gives per-chip memory from `memory_analysis()`, the model
+FLOPs per step from `maxgemma.model.flops` (XLA's `cost_analysis()` counts a scanned layer body
+once, so its number is shown only for reference) and the roofline step time at the chip's peak.
+Exits non-zero with one line when the step does not fit in HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from maxgemma import config as config_lib
+from maxgemma import optim, sharding
+from maxgemma.model import flops as flops_lib
+from maxgemma.trainer import state as state_lib
+from maxgemma.trainer import step as step_lib
+
+GiB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """What the report compares against: per-chip HBM the compiler may use and peak bf16 FLOP/s."""
+
+  name: str
+  hbm_bytes: int
+  usable_hbm_bytes: int  # what XLA lets a program use ("exceeds available HBM (15.75G)" on v5e)
+  peak_flops: float
+
+
+# Keyed by the topology name's prefix. v5e: 16 GiB per chip, 15.75 GiB usable, 197 TFLOP/s bf16.
+CHIPS = {
+    "v5e": Chip("TPU v5e", 16 * GiB, int(15.75 * GiB), 197e12),
+    "v5litepod": Chip("TPU v5e", 16 * GiB, int(15.75 * GiB), 197e12),
+    # Outside v5e the usable HBM assumes the same 0.25 GiB reservation as measured on v5e.
+    "v5p": Chip("TPU v5p", 95 * GiB, int(94.75 * GiB), 459e12),
+    "v4": Chip("TPU v4", 32 * GiB, int(31.75 * GiB), 275e12),
+}
+
+
+class DoesNotFitError(RuntimeError):
+  """The train step does not fit the chip's HBM (compiler refusal or peak over the limit)."""
+
+
+def chip_for(topology: str) -> Chip:
+  """The chip facts for a topology name such as `v5e:16x16`."""
+  kind = topology.split(":")[0].split("-")[0]
+  if kind not in CHIPS:
+    raise ValueError(f"unknown TPU kind {kind!r} in topology {topology!r}; known: "
+                     f"{', '.join(CHIPS)}")
+  return CHIPS[kind]
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
+  """The devices of `num_slices` slices of `topology` (e.g. `v5e:16x16`), described by libtpu."""
+  from jax.experimental import topologies
+
+  # Several processes may load libtpu at once (otherwise they fight over its lock file).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # Without these libtpu warns that it cannot find the TPU type and worker hostnames of this
+  # (TPU-less) host; the topology comes from `topology`, not from them. Restored afterwards.
+  quiet = {"TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_HOSTNAMES": "localhost"}
+  saved = {k: os.environ.get(k) for k in quiet}
+  if all(v is None for v in saved.values()):
+    os.environ.update(quiet)
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                        chip_config_name="default",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
+  except Exception as e:  # libtpu missing or a bad name: one clear line
+    raise ValueError(f"cannot describe TPU topology {topology!r} x {num_slices} slice(s) "
+                     f"(is jax[tpu] installed?): {str(e).splitlines()[0]}") from e
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+  return list(desc.devices)
+
+
+def abstract_inputs(cfg: ml_collections.ConfigDict, model_cfg, tx, mesh
+                    ) -> tuple[Any, Any, Any]:
+  """(sharded abstract state, sharded abstract batch, state shardings): no device memory."""
+  abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       abstract, shardings)
+  B, L = int(cfg.train.global_batch), int(cfg.train.seq_len)
+  batch_sh = sharding.batch_sharding(mesh)
+  ints = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sh)
+  batch = {"tokens": ints, "targets": ints, "positions": ints, "segment_ids": ints,
+           "loss_weights": jax.ShapeDtypeStruct((B, L), jnp.float32, sharding=batch_sh)}
+  return state, batch, shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Instr:
+  """One HLO instruction of a compiled program's text: `%name = type opcode(operands), attrs`."""
+
+  name: str
+  type: str
+  opcode: str
+  operands: tuple[str, ...]
+  attrs: str
+
+  @property
+  def array(self) -> tuple[str, tuple[int, ...]]:
+    """(dtype, dims) of the result, or of its first element when it is a tuple."""
+    m = re.search(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", self.type)
+    if not m:
+      return "", ()
+    return m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
+
+
+def _closing(text: str, start: int) -> int:
+  """Index just past the parenthesis that closes the one at `start`."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {"(": 1, ")": -1}.get(text[i], 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
+
+
+def parse_hlo(hlo_text: str) -> dict[str, Instr]:
+  """Every instruction of an HLO module's text, by name."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
+    if not m:
+      continue
+    rest = line[m.end():]
+    end = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
+    if end <= 0:
+      continue
+    typ, rest = rest[:end], rest[end:].lstrip()
+    op = re.match(r"([\w\-]+)\(", rest)
+    if not op:
+      continue
+    close = _closing(rest, op.end() - 1)
+    operands = tuple(re.findall(r"%([\w.\-]+)", rest[op.end():close - 1]))
+    out[m.group(1)] = Instr(m.group(1), typ, op.group(1), operands, rest[close:])
+  return out
+
+
+_PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element")
+
+
+def dcn_allreduce_sends(hlo_text: str) -> list[dict[str, Any]]:
+  """Every cross-slice reduction transfer in a compiled multi-slice TPU program.
+
+  Multi-slice (megascale) reductions are not all-reduces with cross-slice replica groups: they
+  are `send`/`recv` pairs tagged `_xla_megascale_transfer_type="ALL_REDUCE"`. For each send:
+  what one chip sends over the data-centre network (`dtype`, `shape`, `elements`) and the
+  instruction that produced it (`source`: bitcasts and copies skipped), e.g. an in-slice
+  reduce-scatter, which is what makes the reduction hierarchical.
+  """
+  instrs = parse_hlo(hlo_text)
+  sends = []
+  for ins in instrs.values():
+    if ins.opcode != "send" or 'megascale_transfer_type="ALL_REDUCE"' not in ins.attrs:
+      continue
+    source = instrs.get(ins.operands[0]) if ins.operands else None
+    while source is not None and source.opcode in _PASS_THROUGH and source.operands:
+      source = instrs.get(source.operands[0])
+    dtype, shape = ins.array
+    target = re.search(r'_xla_megascale_target="([^"]*)"', ins.attrs)
+    sends.append({"name": ins.name, "dtype": dtype, "shape": shape,
+                  "elements": math.prod(shape), "source": source,
+                  "target": target.group(1) if target else ""})
+  return sends
+
+
+def is_reduce_scatter(ins: Instr | None) -> bool:
+  """A reduce-scatter: the op itself or the TPU compiler's all-reduce-scatter fusion."""
+  if ins is None:
+    return False
+  return ins.opcode == "reduce-scatter" or (
+      ins.opcode == "fusion" and re.search(r"calls=%[\w.\-]*reduce-scatter", ins.attrs) is not None)
+
+
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+
+
+def _sends_bytes(sends: list[dict[str, Any]]) -> int:
+  return sum(s["elements"] * _DTYPE_BYTES.get(s["dtype"], 4) for s in sends)
+
+
+def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x16",
+                       num_slices: int | None = None, *, target_mfu: float = 0.5,
+                       keep_compiled: bool = False) -> dict[str, Any]:
+  """Compiles the trainer's step for `num_slices` x `topology`; returns the report dict.
+
+  `num_slices` None: the product of `config.mesh.dcn_*`. Raises `DoesNotFitError` when the compiler
+  refuses for lack of HBM or the peak exceeds the chip's usable HBM; other errors propagate.
+  With `keep_compiled` the report also holds the executable ("compiled") and the abstract sharded
+  state ("state").
+  """
+  config_lib.check_keys(cfg)
+  chip = chip_for(topology)
+  if num_slices is None:
+    dcn = [int(cfg.mesh[f"dcn_{a}"]) for a in sharding.MESH_AXES]
+    num_slices = 1 if -1 in dcn else max(1, dcn[0] * dcn[1] * dcn[2])
+  devices = topology_devices(topology, num_slices)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  model_cfg = config_lib.model_config(cfg)
+  steps = int(cfg.train.steps)
+  tx = optim.make_optimizer(cfg.optim, steps)
+  schedule = optim.learning_rate_schedule(cfg.optim, steps)
+  state, batch, shardings = abstract_inputs(cfg, model_cfg, tx, mesh)
+  step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
+                                 shardings, mesh)
+  B, L = int(cfg.train.global_batch), int(cfg.train.seq_len)
+  what = (f"{cfg.model.preset} batch {B} x seq {L} on {num_slices} x {topology} "
+          f"(mesh {dict(mesh.shape)})")
+  t0 = time.perf_counter()
+  with step_lib.rules_scope(mesh, cfg.mesh):
+    lowered = step.lower(state, batch)
+  t1 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XlaRuntimeError; the TPU compiler's HBM refusal is RESOURCE_EXHAUSTED
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" in message or "exceeds available HBM" in message \
+        or "Ran out of memory" in message:
+      first = next((ln.strip() for ln in message.splitlines() if "HBM" in ln or "memory" in ln),
+                   message.splitlines()[0])
+      err = DoesNotFitError(f"{what} does not fit: the TPU compiler refused: {first[:300]}")
+      err.details = message  # the compiler's full report (largest allocations)
+      raise err from e
+    raise
+  lower_s, compile_s = t1 - t0, time.perf_counter() - t1
+
+  mem = compiled.memory_analysis()
+  peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+  memory = {
+      "argument_bytes": int(mem.argument_size_in_bytes),
+      "output_bytes": int(mem.output_size_in_bytes),
+      "alias_bytes": int(mem.alias_size_in_bytes),
+      "temp_bytes": int(mem.temp_size_in_bytes),
+      "generated_code_bytes": int(mem.generated_code_size_in_bytes),
+      "peak_bytes": peak,
+      "usable_hbm_bytes": chip.usable_hbm_bytes,
+  }
+  chips = len(devices)
+  tokens = B * L
+  model_flops = flops_lib.flops_per_token(model_cfg, L) * tokens
+  roofline_s = model_flops / (chips * chip.peak_flops)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
+  sends = dcn_allreduce_sends(hlo)
+  report = {
+      "preset": cfg.model.preset,
+      "topology": topology,
+      "num_slices": num_slices,
+      "chips": chips,
+      "chip": chip.name,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "global_batch": B,
+      "seq_len": L,
+      "tokens_per_step": tokens,
+      "remat_policy": model_cfg.remat_policy,
+      "loss_chunk": int(cfg.train.get("loss_chunk", 0)),
+      "grad_accum_steps": int(cfg.optim.grad_accum_steps),
+      "lower_s": round(lower_s, 1),  # tracing the step (CPU-side Python)
+      "compile_s": round(compile_s, 1),  # the TPU compiler
+      "memory": memory,
+      "peak_gib": round(peak / GiB, 2),
+      "usable_hbm_gib": round(chip.usable_hbm_bytes / GiB, 2),
+      "fits": peak <= chip.usable_hbm_bytes,
+      "model_flops_per_step": model_flops,
+      "model_flops_per_chip": model_flops / chips,
+      # XLA's count of one chip's program: a scanned layer body is counted once, not per layer.
+      "xla_flops_per_chip_scan_body_once": float((cost or {}).get("flops", 0.0)),
+      "peak_flops_per_chip": chip.peak_flops,
+      "roofline_step_s": roofline_s,
+      "target_mfu": target_mfu,
+      "step_s_at_target_mfu": roofline_s / target_mfu,
+      "tokens_per_s_per_chip_at_target_mfu": tokens / (roofline_s / target_mfu) / chips,
+      "dcn_allreduce_sends": len(sends),
+      "dcn_allreduce_bytes_per_chip": _sends_bytes(sends),
+  }
+  check_fits(report)
+  if keep_compiled:
+    report["compiled"], report["state"] = compiled, state
+  return report
+
+
+def check_fits(report: dict[str, Any]) -> None:
+  """Raises DoesNotFitError when the compiled peak exceeds the chip's usable HBM."""
+  peak, usable = report["memory"]["peak_bytes"], report["memory"]["usable_hbm_bytes"]
+  if peak > usable:
+    raise DoesNotFitError(
+        f"{report['preset']} batch {report['global_batch']} x seq {report['seq_len']} on "
+        f"{report['num_slices']} x {report['topology']} does not fit: peak {peak / GiB:.2f} GiB "
+        f"per chip exceeds the {usable / GiB:.2f} GiB usable HBM of a {report['chip']} chip")
+
+
+def format_report(r: dict[str, Any]) -> str:
+  """The human-readable report."""
+  m = r["memory"]
+  g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+  lines = [
+      f"{r['preset']} on {r['num_slices']} x {r['topology']} ({r['chips']} {r['chip']} chips), "
+      f"mesh {r['mesh']}",
+      f"  batch {r['global_batch']} x seq {r['seq_len']} = {r['tokens_per_step']:,} tokens/step, "
+      f"remat {r['remat_policy']}, loss_chunk {r['loss_chunk']}, "
+      f"grad_accum {r['grad_accum_steps']}; traced in {r['lower_s']:.1f} s, compiled in "
+      f"{r['compile_s']:.1f} s",
+      f"  memory per chip: arguments {g(m['argument_bytes'])}, outputs {g(m['output_bytes'])} "
+      f"(aliased {g(m['alias_bytes'])}), temporaries {g(m['temp_bytes'])}",
+      f"  peak {g(m['peak_bytes'])} of {g(m['usable_hbm_bytes'])} usable HBM "
+      f"({100 * m['peak_bytes'] / m['usable_hbm_bytes']:.0f}%)",
+      f"  model FLOPs/step {r['model_flops_per_step']:.3e} "
+      f"({r['model_flops_per_chip']:.3e} per chip; XLA cost_analysis, scanned body counted "
+      f"once: {r['xla_flops_per_chip_scan_body_once']:.3e})",
+      f"  roofline step time at {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s/chip: "
+      f"{r['roofline_step_s']:.2f} s; at {100 * r['target_mfu']:.0f}% MFU: "
+      f"{r['step_s_at_target_mfu']:.2f} s ({r['tokens_per_s_per_chip_at_target_mfu']:,.0f} "
+      f"tokens/s/chip)",
+  ]
+  if r["num_slices"] > 1:
+    lines.append(f"  cross-slice (DCN) reduction: {r['dcn_allreduce_sends']} transfers, "
+                 f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.1f} MiB sent per chip per step")
+  return "\n".join(lines)
+
+
+def _main(argv: list[str]) -> None:
+  import json
+  import sys
+
+  from absl import app, flags
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  # Compile only: local devices stay CPU (libtpu is used through the topology description).
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")
+  try:
+    report = compile_train_step(f.config, f.topology, f.num_slices, target_mfu=f.target_mfu)
+  except (DoesNotFitError, ValueError) as e:
+    if f.oom_details and getattr(e, "details", None):
+      print(e.details, file=sys.stderr)
+    sys.exit(f"maxgemma.compile: {e}")
+  print(format_report(report))
+  if f.json_out:
+    with open(f.json_out, "w") as fh:
+      json.dump(report, fh, indent=2)
+
+
+def main() -> None:
+  """Command-line entry point."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", "v5e:16x16", "TPU topology of one slice, e.g. v5e:16x16.")
+  flags.DEFINE_integer("num_slices", None, "Slices (pods); default: product of mesh.dcn_*.")
+  flags.DEFINE_float("target_mfu", 0.5, "MFU assumed for the estimated step time.")
+  flags.DEFINE_string("json_out", None, "Also write the report as JSON here.")
+  flags.DEFINE_bool("oom_details", False, "When the compiler refuses, print its full report.")
+  flags.mark_flags_as_required(["config"])
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
