@@ -308,3 +308,26 @@ def test_shuffle_is_a_seeded_permutation(n):
   if n >= 64:
     assert (permute(np.arange(n), n, seed=12) != a).any()
     assert (a != np.arange(n)).mean() > 0.9
+
+
+def test_async_orbax_save_records_the_position_at_save_time(data, tmp_path):
+  import orbax.checkpoint as ocp
+
+  from maxgemma.data.checkpointing import data_restore_args, data_save_args
+  cfg = _cfg(data["docs"])
+  it = make_train_iterator(cfg, seq_len=32, global_batch=4, seed=1)
+  for _ in range(3):
+    next(it)
+  mngr = ocp.CheckpointManager(str(tmp_path / "ck"))  # async saving (the trainer's default)
+  mngr.save(3, args=ocp.args.Composite(data=data_save_args(it)))
+  expected = next(it)["tokens"]
+  for _ in range(4):
+    next(it)  # training goes on while the save completes
+  mngr.wait_until_finished()
+  fresh = make_train_iterator(cfg, seq_len=32, global_batch=4, seed=1)
+  restored = mngr.restore(3, args=ocp.args.Composite(data=data_restore_args(fresh)))
+  assert restored["data"] is fresh
+  assert (next(fresh)["tokens"] == expected).all()
+  mngr.close()
+  it.close()
+  fresh.close()

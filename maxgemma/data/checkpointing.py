@@ -30,7 +30,7 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   """Saves/restores a grain `DatasetIterator`'s state as JSON, one file per process."""
 
   def save(self, directory: epath.Path, args: DataSave) -> None:
-    state = json.dumps(args.iterator.get_state(), indent=1)
+    state = json.dumps(args.state, indent=1)
     (epath.Path(directory) / _filename(args.iterator)).write_text(state)
 
   def restore(self, directory: epath.Path, args: DataRestore) -> Any:
@@ -56,8 +56,14 @@ class DataIteratorHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
 @dataclasses.dataclass
 class DataSave(ocp.args.CheckpointArgs):
-  """Save args: the iterator whose position to checkpoint."""
+  """Save args: the iterator whose position to checkpoint, snapshotted when the args are made
+  (so an async save records this step's position even if training moves on meanwhile)."""
   iterator: Any
+  state: Any = None
+
+  def __post_init__(self):
+    if self.state is None:
+      self.state = self.iterator.get_state()
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
