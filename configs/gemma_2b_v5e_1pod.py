@@ -19,7 +19,7 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
   c.model.remat_policy = "full"
   c.train.seq_len = 8192
-  c.train.global_batch = 1024
+  c.train.global_batch = 768  # 3 rows per chip
   c.train.loss_chunk = 1024  # no [B, 8192, 256128] float32 logits
   c.mesh.ici_data = 1
   c.mesh.ici_fsdp = 256

@@ -23,7 +23,7 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
   c.model.remat_policy = "full"
   c.train.seq_len = 8192
-  c.train.global_batch = PODS * 1024  # each pod's share as in gemma_2b_v5e_1pod.py
+  c.train.global_batch = PODS * 768  # each pod's share as in gemma_2b_v5e_1pod.py
   c.train.loss_chunk = 1024  # no [B, 8192, 256128] float32 logits
   c.mesh.ici_data = 1
   c.mesh.ici_fsdp = 256

@@ -1,0 +1,125 @@
+"""The Gemma report's pod layouts compiled ahead of time for real TPU v5e topologies.
+
+Each row runs `python -m maxgemma.compile` (one process per compile, one at a time) on this
+CPU-only machine with libtpu and records per-chip memory, model FLOPs per step, the roofline step
+time and the compile time. Writes `benchmarks/results/aot_pods.json` and the table between the
+markers in `docs/aot.md`.
+
+  .venv/bin/python benchmarks/aot_pods.py [--rows 7b_1pod,2b_2pods] [--keep]
+
+`--keep` keeps the rows of the existing JSON that are not re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "aot_pods.json"
+DOC = ROOT / "docs" / "aot.md"
+START, END = "<!-- aot_pods:start -->", "<!-- aot_pods:end -->"
+
+# name -> (config file, extra flags, what the row shows)
+ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "7b_1pod": ("configs/gemma_7b_v5e_1pod.py", (),
+                "7B, one v5e-256 pod: tensor 16 x fsdp 16"),
+    "7b_16pods": ("configs/gemma_7b_v5e_16pods.py", (),
+                  "7B, 16 pods: per pod tensor 16 x fsdp 16, data 16 over DCN"),
+    "2b_1pod": ("configs/gemma_2b_v5e_1pod.py", (), "2B, one pod: fsdp 256"),
+    "2b_2pods": ("configs/gemma_2b_v5e_2pods.py", (),
+                 "2B, 2 pods: per pod fsdp 256, data 2 over DCN"),
+}
+
+
+def run_row(name: str, timeout: int) -> dict:
+  """One compile in its own process; the report, or the one-line refusal."""
+  config, extra, what = ROWS[name]
+  with tempfile.TemporaryDirectory() as tmp:
+    out = Path(tmp) / "report.json"
+    cmd = [sys.executable, "-m", "maxgemma.compile", f"--config={config}", *extra,
+           f"--json_out={out}"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    wall = time.perf_counter() - t0
+    row = {"name": name, "what": what, "command": " ".join(["python", *cmd[1:-1]]),
+           "wall_s": round(wall, 1)}
+    if p.returncode == 0:
+      row.update(json.loads(out.read_text()), ok=True)
+    else:
+      lines = p.stderr.strip().splitlines()
+      row.update(ok=False, error=lines[-1] if lines else f"exit {p.returncode}")
+  print(f"{name}: {'ok' if row['ok'] else row['error']} ({wall:.0f} s)", flush=True)
+  return row
+
+
+def table(rows: list[dict]) -> str:
+  """The markdown table of the rows."""
+  head = ("| layout | chips | global batch (tokens) | peak / chip (of 15.75 GiB) | arguments / chip"
+          " | temporaries / chip | model TFLOPs / step | roofline step | step at 50% MFU "
+          "| DCN bytes / chip / step | compile (trace + TPU compile) |")
+  lines = [head, "|---|" + "---:|" * 10]
+  g = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+  for r in rows:
+    if not r.get("ok"):
+      lines.append(f"| {r['what']} | | | does not fit: {r['error']} | | | | | | | |")
+      continue
+    m = r["memory"]
+    dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
+    lines.append(
+        f"| {r['what']} | {r['chips']} | {r['global_batch']} x {r['seq_len']} "
+        f"({r['tokens_per_step'] / 2**20:.0f}M) | {g(m['peak_bytes'])} | {g(m['argument_bytes'])} "
+        f"| {g(m['temp_bytes'])} | {r['model_flops_per_step'] / 1e12:,.0f} "
+        f"| {r['roofline_step_s']:.2f} s | {r['step_s_at_target_mfu']:.2f} s | {dcn} "
+        f"| {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rows", default=",".join(ROWS), help=f"some of {', '.join(ROWS)}")
+  parser.add_argument("--keep", action="store_true", help="keep the other rows of the JSON")
+  parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
+  args = parser.parse_args()
+  names = [n for n in args.rows.split(",") if n]
+  unknown = set(names) - set(ROWS)
+  if unknown:
+    parser.error(f"unknown rows {sorted(unknown)}; known: {', '.join(ROWS)}")
+  old = {}
+  if args.keep and RESULTS.exists():
+    old = {r["name"]: r for r in json.loads(RESULTS.read_text())["rows"]}
+  for name in names:
+    old[name] = run_row(name, args.timeout)
+  rows = [old[n] for n in ROWS if n in old]
+  result = {
+      "date": datetime.date.today().isoformat(),
+      "jax": metadata.version("jax"), "libtpu": metadata.version("libtpu"),
+      "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+      "note": "compile on this CPU-only machine with libtpu; nothing runs on a TPU",
+      "rows": rows,
+  }
+  RESULTS.parent.mkdir(parents=True, exist_ok=True)
+  RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+  md = table(rows)
+  print(md)
+  if DOC.exists() and START in DOC.read_text():
+    text = DOC.read_text()
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    stamp = (f"\n_Compiled {result['date']} with jax {result['jax']}, libtpu {result['libtpu']} "
+             f"on {result['machine']}._\n\n")
+    DOC.write_text(before + START + stamp + md + "\n" + END + after)
+
+
+if __name__ == "__main__":
+  main()

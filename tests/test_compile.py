@@ -1,0 +1,170 @@
+"""Ahead-of-time compiles of the real train step for TPU topologies (libtpu, no TPU needed).
+
+A tiny model on small v5e topologies: per-chip memory from the TPU compiler, the one-line refusal
+of a step too big for HBM, and the hierarchical cross-slice gradient reduction read from the
+compiled HLO.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from maxgemma import compile as compile_lib
+from maxgemma.config import base_config, model_config
+from maxgemma.model import flops
+
+ROOT = Path(__file__).resolve().parents[1]
+SLICE = "v5e:2x2"  # 4 chips per slice
+ICI_FSDP = 4
+
+
+def tiny_config(batch=16, slices=2):
+  c = base_config()
+  c.model.preset = "tiny_gemma1_mha"
+  c.train.global_batch = batch
+  c.train.seq_len = 64
+  c.mesh.ici_data = 1
+  c.mesh.ici_fsdp = ICI_FSDP
+  c.mesh.dcn_data = slices
+  return c
+
+
+@pytest.fixture(scope="module")
+def two_slices():
+  """The tiny model's step compiled for 2 slices of v5e:2x2: data over DCN, ZeRO-3 in a slice."""
+  return compile_lib.compile_train_step(tiny_config(), SLICE, 2, keep_compiled=True)
+
+
+def shard_bytes(x):
+  return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+
+def test_memory_analysis_is_present_and_sane(two_slices):
+  r = two_slices
+  assert (r["chips"], r["num_slices"], r["mesh"]) == (8, 2, {"data": 2, "fsdp": 4, "tensor": 1})
+  m = r["memory"]
+  state = r["state"]
+  state_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(state))
+  full_state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  # Each chip holds its shard of params + Adam moments (the TPU layout pads, never shrinks).
+  assert state_bytes < full_state_bytes / 3
+  assert m["argument_bytes"] >= state_bytes
+  # The state is donated: its output buffers alias the inputs.
+  assert state_bytes <= m["alias_bytes"] <= min(m["argument_bytes"], m["output_bytes"])
+  assert 0 < m["peak_bytes"] < m["usable_hbm_bytes"] == int(15.75 * 2**30)
+  assert r["fits"]
+  tokens = 16 * 64
+  want = flops.flops_per_token(model_config(tiny_config()), 64) * tokens
+  assert r["model_flops_per_step"] == pytest.approx(want)
+  assert r["model_flops_per_chip"] == pytest.approx(want / 8)
+  assert r["xla_flops_per_chip_scan_body_once"] > 0
+  assert r["roofline_step_s"] == pytest.approx(want / (8 * 197e12))
+
+
+def test_cross_slice_reduction_is_hierarchical(two_slices):
+  """Only each chip's reduce-scattered gradient shard crosses slices, not the full gradient."""
+  params = two_slices["state"]["params"]
+  sends = compile_lib.dcn_allreduce_sends(two_slices["compiled"].as_text())
+  assert sends, "no cross-slice ALL_REDUCE transfers in a 2-slice program"
+  # Each transfer goes between the same chip of the other slice: chips 0..3 of a slice.
+  assert all(s["target"].endswith("x{0:3}") for s in sends), {s["target"] for s in sends}
+  shard = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(params))
+  full = sum(x.size for x in jax.tree.leaves(params))
+  assert full == ICI_FSDP * shard  # everything is sharded 4 ways inside a slice
+  sent = sum(s["elements"] for s in sends)
+  # Every gradient element must cross once; a flat (non-hierarchical) all-reduce would send the
+  # full gradient, 4x the shard. XLA sends the embedding's two gradient terms (lookup and output
+  # projection) separately, hence some slack above 1x.
+  assert shard <= sent < 2 * shard, (shard, sent, full)
+  # The embedding gradient: its per-chip shard ([V, D / 4]) is what a send carries, produced by
+  # the in-slice reduce-scatter.
+  emb = params["embedder"]["input_embedding"]
+  emb_shard = tuple(emb.sharding.shard_shape(emb.shape))
+  assert emb_shard == (emb.shape[0], emb.shape[1] // ICI_FSDP)
+  fed = [s for s in sends if compile_lib.is_reduce_scatter(s["source"])
+         and s["source"].array[1] == emb_shard and s["elements"] == math.prod(emb_shard)]
+  assert fed, [(s["shape"], s["source"].opcode, s["source"].array) for s in sends]
+
+
+def test_hlo_parser_reads_send_and_its_producer():
+  hlo = """
+  %fusion.6 = f32[512,16]{0,1:T(8,128)} fusion(%fusion.121), kind=kCustom, calls=%all-reduce-scatter, backend_config={}
+  %bitcast.6 = f32[8,8,128]{2,1,0:T(8,128)} bitcast(%fusion.6)
+  %after-all.1 = token[] after-all()
+  %send.1 = (f32[8,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%bitcast.6, %after-all.1), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %send.2 = (f32[4]{0}, u32[], token[]) send(%after-all.1, %after-all.1), channel_id=4, frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}
+  """  # noqa: E501
+  (send,) = compile_lib.dcn_allreduce_sends(hlo)
+  assert (send["dtype"], send["shape"], send["elements"]) == ("f32", (8, 8, 128), 8192)
+  assert send["source"].name == "fusion.6" and compile_lib.is_reduce_scatter(send["source"])
+  assert send["source"].array == ("f32", (512, 16)) and send["target"] == "{1,2}x{0:3}"
+
+
+def test_peak_over_usable_hbm_is_refused(two_slices):
+  report = {k: v for k, v in two_slices.items() if k not in ("compiled", "state")}
+  compile_lib.check_fits(report)  # fits as compiled
+  report["memory"] = dict(report["memory"], usable_hbm_bytes=report["memory"]["peak_bytes"] - 1)
+  with pytest.raises(compile_lib.DoesNotFitError, match="exceeds the .* usable HBM"):
+    compile_lib.check_fits(report)
+
+
+def run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "maxgemma.compile", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+TINY_FLAGS = ("--config=configs/gemma_2b_v5e_1pod.py", "--config.model.preset=tiny_gemma1_mha",
+              "--config.train.seq_len=64", f"--config.mesh.ici_fsdp={ICI_FSDP}",
+              f"--topology={SLICE}")
+
+
+def test_cli_reports_memory_and_flops(tmp_path):
+  out = tmp_path / "report.json"
+  p = run_cli(*TINY_FLAGS, "--config.train.global_batch=8", f"--json_out={out}")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "peak" in p.stdout and "of 15.75 GiB usable HBM" in p.stdout, p.stdout
+  report = json.loads(out.read_text())
+  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["num_slices"] == 1
+  assert 0 < report["memory"]["peak_bytes"] < report["memory"]["usable_hbm_bytes"]
+  assert "libtpu" not in p.stderr and "TPU_ACCELERATOR_TYPE" not in p.stderr, p.stderr[-2000:]
+
+
+def test_cli_exits_with_one_line_when_the_step_does_not_fit():
+  # 2^20 rows of 64 tokens: the [B, L, V] float32 logits alone need ~34 GiB per chip.
+  p = run_cli(*TINY_FLAGS, "--config.train.global_batch=1048576", "--config.train.loss_chunk=0")
+  assert p.returncode != 0
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("maxgemma.compile: tiny_gemma1_mha batch 1048576 x seq 64"), p.stderr
+  assert "does not fit" in last and "exceeds available HBM (15.75G)" in last, last
+  assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("name,preset,pods,ici", [
+    ("gemma_7b_v5e_1pod", "gemma1_7b", 1, dict(ici_fsdp=16, ici_tensor=16)),
+    ("gemma_7b_v5e_16pods", "gemma1_7b", 16, dict(ici_fsdp=16, ici_tensor=16)),
+    ("gemma_2b_v5e_1pod", "gemma1_2b", 1, dict(ici_fsdp=256, ici_tensor=1)),
+    ("gemma_2b_v5e_2pods", "gemma1_2b", 2, dict(ici_fsdp=256, ici_tensor=1)),
+])
+def test_pod_configs_match_the_report_layouts(name, preset, pods, ici):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert c.model.preset == preset and c.train.seq_len == 8192
+  assert c.model.remat_policy == "full" and c.model.dtype == "bfloat16"
+  assert {k: c.mesh[k] for k in ici} == ici and c.mesh.ici_data == 1
+  assert c.mesh.dcn_data == pods and c.mesh.dcn_fsdp == c.mesh.dcn_tensor == 1
+  assert c.mesh.ici_fsdp * c.mesh.ici_tensor == 256  # one v5e-256 pod
+  # Rows split evenly over the data-parallel chips of every pod.
+  assert c.train.global_batch % (pods * c.mesh.ici_fsdp) == 0
+  model_config(c)  # validates (seq 8192 within the model's context)
+  assert np.isfinite(flops.flops_per_token(model_config(c), c.train.seq_len))
