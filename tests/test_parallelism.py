@@ -4,6 +4,11 @@ Each layout runs the real state creation and jitted train step of the trainer on
 devices that tests/conftest.py provides.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -54,9 +59,12 @@ def run_losses(cfg, devices, steps=STEPS):
   step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
                                  shardings, mesh)
   losses = []
+  rows = cfg.train.global_batch // jax.process_count()  # this process's share of every batch
+  mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
   with step_lib.rules_scope(mesh, cfg.mesh):
     for batch in synthetic_batches(cfg, steps, model_cfg.vocab_size):
-      state, metrics = step(state, sharding.global_batch(batch, mesh))
+      local = {k: v[mine] for k, v in batch.items()}
+      state, metrics = step(state, sharding.global_batch(local, mesh))
       losses.append(float(metrics["loss"]))
   return np.array(losses), state
 
@@ -112,3 +120,16 @@ def test_mesh_errors_are_clear():
   cfg = make_config(ici_data=-1, ici_tensor=-1)
   with pytest.raises(ValueError, match="at most one mesh.ici_\\* axis may be -1"):
     sharding.make_mesh(cfg.mesh, jax.devices())
+
+
+def test_two_real_processes_give_the_same_loss(reference, tmp_path):
+  """2 processes x 4 devices joined by jax.distributed (gloo on localhost), data 8."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "losses.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=4",
+       f"--log_dir={tmp_path}", "--timeout=300", "--module=tests.parallel_probe", "--", str(out)],
+      cwd=root, env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True,
+      timeout=360)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  np.testing.assert_allclose(json.loads(out.read_text()), reference, rtol=TOLERANCE)
