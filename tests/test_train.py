@@ -13,8 +13,16 @@ import pytest
 from maxgemma import checkpoint
 from maxgemma.model import flops
 from maxgemma.trainer.loop import train
-from tests.train_utils import (PEAK, ROOT, env, logged, losses_by_step, run_train, tiny_config,
-                               train_command)
+from tests.train_utils import (
+  PEAK,
+  ROOT,
+  env,
+  logged,
+  losses_by_step,
+  run_train,
+  tiny_config,
+  train_command,
+)
 
 
 def test_trains_checkpoints_and_logs_consistent_metrics(tmp_path):
@@ -46,7 +54,7 @@ def _kill_when(proc, workdir, condition, timeout=240):
   raise TimeoutError("the training process made no progress")
 
 
-def _saving(workdir):
+def _saving(workdir, before=None):
   ckpts = os.path.join(workdir, "checkpoints")
   return os.path.isdir(ckpts) and any("tmp" in d for d in os.listdir(ckpts))
 
@@ -57,29 +65,30 @@ def test_kill_minus_9_then_resume_is_bit_identical(tmp_path):
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
   assert run_train(ref, *args).returncode == 0
   rng = random.Random(0)
-  kills = {"during a save": _saving}
-  for _ in range(2):
-    n = rng.randint(3, 12)  # during a step: once n steps are logged
-    kills[f"after {n} logged steps"] = lambda w, n=n: len(logged(w)) >= n
+  kills = [("during a save", _saving)]
+  for n in rng.sample(range(2, 7), 2):  # during a step: once this run has logged n steps
+    kills.append((f"after {n} more logged steps",
+                  lambda w, n=n, before=None: len(logged(w)) >= before + n))
   killed = []
-  for name, condition in kills.items():
+  for name, condition in kills:
     proc = subprocess.Popen(train_command(run, *args), env=env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if _kill_when(proc, run, condition):
+    before = len(logged(run))
+    if _kill_when(proc, run, lambda w, c=condition, b=before: c(w, before=b)):
       killed.append(name)
   assert killed, "no kill landed"
   final = run_train(run, *args)
   assert final.returncode == 0, final.stderr[-2000:]
 
+  ref_losses, run_losses = losses_by_step(ref), losses_by_step(run)
+  assert set(run_losses) == set(ref_losses)
+  for step_no, values in run_losses.items():
+    assert all(v == ref_losses[step_no][0] for v in values), (step_no, values, killed)
   ref_params, _, ref_step = checkpoint.load_params(ref)
   params, _, step = checkpoint.load_params(run)
   assert step == ref_step == 16
   for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
-    np.testing.assert_array_equal(a, b)
-  ref_losses = losses_by_step(ref)
-  for step_no, values in losses_by_step(run).items():
-    assert all(v == ref_losses[step_no][0] for v in values), (step_no, values)  # bit-identical
-  assert set(losses_by_step(run)) == set(ref_losses)
+    np.testing.assert_array_equal(a, b)  # bit-identical
   print("killed:", killed)
 
 
@@ -102,7 +111,8 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes_and_continues(tmp_path):
-  common = {"train.steps": 6, "checkpoint.every": 4}
+  # The schedule's horizon is fixed, so the 4-step run is the start of the 6-step one.
+  common = {"train.steps": 6, "checkpoint.every": 4, "optim.decay_steps": 6}
   # Uninterrupted reference on data 8, and the run whose step-4 checkpoint the others resume.
   train(tiny_config(**common, **{"mesh.ici_data": 8}), str(tmp_path / "ref"))
   reference = losses_by_step(str(tmp_path / "ref"))
@@ -114,7 +124,7 @@ def test_checkpoint_restores_onto_other_meshes_and_continues(tmp_path):
     workdir = tmp_path / name
     os.system(f"cp -r {base} {workdir}")
     result = run_train(str(workdir), "--config.train.steps=6", "--config.checkpoint.every=4",
-                       *overrides, devices=devices)
+                       "--config.optim.decay_steps=6", *overrides, devices=devices)
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = losses_by_step(str(workdir))
     for step_no in (5, 6):
@@ -126,7 +136,8 @@ def test_unknown_config_key_names_the_nearest(tmp_path):
   cfg = tiny_config()
   with cfg.unlocked():
     cfg.train.stpes = 3
-  with pytest.raises(ValueError, match="unknown config key 'train.stpes'; did you mean train.steps"):
+  with pytest.raises(ValueError,
+                     match="unknown config key 'train.stpes'; did you mean train.steps"):
     train(cfg, str(tmp_path))
 
 
