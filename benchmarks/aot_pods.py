@@ -2,8 +2,9 @@
 
 Each row runs `python -m maxgemma.compile` (one process per compile, one at a time) on this
 CPU-only machine with libtpu and records per-chip memory, model FLOPs per step, the roofline step
-time and the compile time. Writes `benchmarks/results/aot_pods.json` and the table between the
-markers in `docs/aot.md`.
+time, the cross-slice traffic and the compile time. Writes `benchmarks/results/aot_pods.json` and
+the table between the markers in `docs/aot.md`; the compiled HLO text goes to
+/tmp/aot_pods/NAME.hlo.txt (for reading, not kept).
 
   .venv/bin/python benchmarks/aot_pods.py [--rows 7b_1pod,2b_2pods] [--keep]
 
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "aot_pods.json"
 DOC = ROOT / "docs" / "aot.md"
+HLO_DIR = Path(tempfile.gettempdir()) / "aot_pods"  # compiled programs, for reading (not kept)
 START, END = "<!-- aot_pods:start -->", "<!-- aot_pods:end -->"
 
 # name -> (config file, extra flags, what the row shows)
@@ -46,13 +48,14 @@ def run_row(name: str, timeout: int) -> dict:
   config, extra, what = ROWS[name]
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "report.json"
+    HLO_DIR.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "maxgemma.compile", f"--config={config}", *extra,
-           f"--json_out={out}"]
+           f"--hlo_out={HLO_DIR / name}.hlo.txt", f"--json_out={out}"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     wall = time.perf_counter() - t0
-    row = {"name": name, "what": what, "command": " ".join(["python", *cmd[1:-1]]),
+    row = {"name": name, "what": what, "command": " ".join(["python", *cmd[1:-2]]),
            "wall_s": round(wall, 1)}
     if p.returncode == 0:
       row.update(json.loads(out.read_text()), ok=True)

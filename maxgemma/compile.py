@@ -116,6 +116,8 @@ class Instr:
   opcode: str
   operands: tuple[str, ...]
   attrs: str
+  computation: str = ""  # the computation (function) the instruction belongs to
+  args: str = ""  # the raw text between the opcode's parentheses (a constant's value)
 
   @property
   def array(self) -> tuple[str, tuple[int, ...]]:
@@ -139,7 +141,12 @@ def _closing(text: str, start: int) -> int:
 def parse_hlo(hlo_text: str) -> dict[str, Instr]:
   """Every instruction of an HLO module's text, by name."""
   out = {}
+  computation = ""
   for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s+\(.*\{\s*$", line)
+    if header:
+      computation = header.group(1)
+      continue
     m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
     if not m:
       continue
@@ -153,8 +160,41 @@ def parse_hlo(hlo_text: str) -> dict[str, Instr]:
       continue
     close = _closing(rest, op.end() - 1)
     operands = tuple(re.findall(r"%([\w.\-]+)", rest[op.end():close - 1]))
-    out[m.group(1)] = Instr(m.group(1), typ, op.group(1), operands, rest[close:])
+    out[m.group(1)] = Instr(m.group(1), typ, op.group(1), operands, rest[close:], computation,
+                            rest[op.end():close - 1])
   return out
+
+
+def loop_multipliers(instrs: dict[str, Instr]) -> dict[str, int]:
+  """How many times each while-loop body computation runs per execution (nested loops multiply).
+
+  The trip count is the loop's `known_trip_count` when the compiler recorded one, else the
+  integer constant its condition compares the counter against (`lax.scan` loops count 0..N-1).
+  """
+  trips: dict[str, tuple[int, str]] = {}  # body -> (trip count, computation holding the while)
+  for ins in instrs.values():
+    if ins.opcode != "while":
+      continue
+    body = re.search(r"body=%([\w.\-]+)", ins.attrs)
+    cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
+    if not body:
+      continue
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
+    if known:
+      n = int(known.group(1))
+    else:
+      consts = [int(c.args) for c in instrs.values() if cond and c.computation == cond.group(1)
+                and c.opcode == "constant" and re.fullmatch(r"-?\d+", c.args.strip())]
+      n = consts[0] if len(consts) == 1 else 1
+    trips[body.group(1)] = (n, ins.computation)
+
+  def mult(comp: str, depth: int = 0) -> int:
+    if comp not in trips or depth > 16:
+      return 1
+    n, parent = trips[comp]
+    return n * mult(parent, depth + 1)
+
+  return {comp: mult(comp) for comp in trips}
 
 
 _PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element")
@@ -165,11 +205,13 @@ def dcn_allreduce_sends(hlo_text: str) -> list[dict[str, Any]]:
 
   Multi-slice (megascale) reductions are not all-reduces with cross-slice replica groups: they
   are `send`/`recv` pairs tagged `_xla_megascale_transfer_type="ALL_REDUCE"`. For each send:
-  what one chip sends over the data-centre network (`dtype`, `shape`, `elements`) and the
+  what one chip sends over the data-centre network (`dtype`, `shape`, `elements`), how many times
+  a step runs it (`per_step`: a send inside the scanned layers' loop runs once per layer), and the
   instruction that produced it (`source`: bitcasts and copies skipped), e.g. an in-slice
   reduce-scatter, which is what makes the reduction hierarchical.
   """
   instrs = parse_hlo(hlo_text)
+  loops = loop_multipliers(instrs)
   sends = []
   for ins in instrs.values():
     if ins.opcode != "send" or 'megascale_transfer_type="ALL_REDUCE"' not in ins.attrs:
@@ -181,7 +223,8 @@ def dcn_allreduce_sends(hlo_text: str) -> list[dict[str, Any]]:
     target = re.search(r'_xla_megascale_target="([^"]*)"', ins.attrs)
     sends.append({"name": ins.name, "dtype": dtype, "shape": shape,
                   "elements": math.prod(shape), "source": source,
-                  "target": target.group(1) if target else ""})
+                  "target": target.group(1) if target else "",
+                  "per_step": loops.get(ins.computation, 1)})
   return sends
 
 
@@ -197,7 +240,7 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s
 
 
 def _sends_bytes(sends: list[dict[str, Any]]) -> int:
-  return sum(s["elements"] * _DTYPE_BYTES.get(s["dtype"], 4) for s in sends)
+  return sum(s["elements"] * s["per_step"] * _DTYPE_BYTES.get(s["dtype"], 4) for s in sends)
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x16",
@@ -294,6 +337,12 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
       "tokens_per_s_per_chip_at_target_mfu": tokens / (roofline_s / target_mfu) / chips,
       "dcn_allreduce_sends": len(sends),
       "dcn_allreduce_bytes_per_chip": _sends_bytes(sends),
+      # Each transfer: what one chip sends and the instruction that produced it.
+      "dcn_transfers": [
+          {"send": f"{s['dtype']}{list(s['shape'])}", "per_step": s["per_step"],
+           "source": (f"{s['source'].opcode} {s['source'].array[0]}{list(s['source'].array[1])}"
+                      if s["source"] is not None else ""),
+           "from_reduce_scatter": is_reduce_scatter(s["source"])} for s in sends],
   }
   check_fits(report)
   if keep_compiled:
@@ -353,11 +402,17 @@ def _main(argv: list[str]) -> None:
   if "JAX_PLATFORMS" not in os.environ:
     jax.config.update("jax_platforms", "cpu")
   try:
-    report = compile_train_step(f.config, f.topology, f.num_slices, target_mfu=f.target_mfu)
+    report = compile_train_step(f.config, f.topology, f.num_slices, target_mfu=f.target_mfu,
+                                keep_compiled=bool(f.hlo_out))
   except (DoesNotFitError, ValueError) as e:
     if f.oom_details and getattr(e, "details", None):
       print(e.details, file=sys.stderr)
     sys.exit(f"maxgemma.compile: {e}")
+  compiled = report.pop("compiled", None)
+  report.pop("state", None)
+  if f.hlo_out:
+    with open(f.hlo_out, "w") as fh:
+      fh.write(compiled.as_text())
   print(format_report(report))
   if f.json_out:
     with open(f.json_out, "w") as fh:
@@ -375,6 +430,7 @@ def main() -> None:
   flags.DEFINE_integer("num_slices", None, "Slices (pods); default: product of mesh.dcn_*.")
   flags.DEFINE_float("target_mfu", 0.5, "MFU assumed for the estimated step time.")
   flags.DEFINE_string("json_out", None, "Also write the report as JSON here.")
+  flags.DEFINE_string("hlo_out", None, "Also write the compiled TPU program's HLO text here.")
   flags.DEFINE_bool("oom_details", False, "When the compiler refuses, print its full report.")
   flags.mark_flags_as_required(["config"])
   app.run(_main)

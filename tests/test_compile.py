@@ -79,7 +79,7 @@ def test_cross_slice_reduction_is_hierarchical(two_slices):
   shard = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(params))
   full = sum(x.size for x in jax.tree.leaves(params))
   assert full == ICI_FSDP * shard  # everything is sharded 4 ways inside a slice
-  sent = sum(s["elements"] for s in sends)
+  sent = sum(s["elements"] * s["per_step"] for s in sends)
   # Every gradient element must cross once; a flat (non-hierarchical) all-reduce would send the
   # full gradient, 4x the shard. XLA sends the embedding's two gradient terms (lookup and output
   # projection) separately, hence some slack above 1x.
@@ -94,18 +94,45 @@ def test_cross_slice_reduction_is_hierarchical(two_slices):
   assert fed, [(s["shape"], s["source"].opcode, s["source"].array) for s in sends]
 
 
-def test_hlo_parser_reads_send_and_its_producer():
-  hlo = """
+HLO = """
+%cond (p.0: (s32[], f32[4])) -> pred[] {
+  %constant.9 = s32[]{:T(128)} constant(28)
+  %p.0 = (s32[]{:T(128)}, f32[4]{0}) parameter(0)
+  %get-tuple-element.1 = s32[]{:T(128)} get-tuple-element(%p.0), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%get-tuple-element.1, %constant.9), direction=LT
+}
+
+%body (p.1: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p.1 = (s32[]{:T(128)}, f32[4]{0}) parameter(0)
+  %get-tuple-element.2 = f32[4]{0} get-tuple-element(%p.1), index=1
+  %after-all.2 = token[] after-all()
+  %send.3 = (f32[4]{0}, u32[], token[]) send(%get-tuple-element.2, %after-all.2), channel_id=5, frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
+  ROOT %tuple = (s32[]{:T(128)}, f32[4]{0}) tuple(%get-tuple-element.1, %get-tuple-element.2)
+}
+
+ENTRY %main (param.1: f32[512,64]) -> f32[512,16] {
   %fusion.6 = f32[512,16]{0,1:T(8,128)} fusion(%fusion.121), kind=kCustom, calls=%all-reduce-scatter, backend_config={}
   %bitcast.6 = f32[8,8,128]{2,1,0:T(8,128)} bitcast(%fusion.6)
   %after-all.1 = token[] after-all()
   %send.1 = (f32[8,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%bitcast.6, %after-all.1), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
   %send.2 = (f32[4]{0}, u32[], token[]) send(%after-all.1, %after-all.1), channel_id=4, frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}
-  """  # noqa: E501
-  (send,) = compile_lib.dcn_allreduce_sends(hlo)
-  assert (send["dtype"], send["shape"], send["elements"]) == ("f32", (8, 8, 128), 8192)
-  assert send["source"].name == "fusion.6" and compile_lib.is_reduce_scatter(send["source"])
-  assert send["source"].array == ("f32", (512, 16)) and send["target"] == "{1,2}x{0:3}"
+  %while.1 = (s32[]{:T(128)}, f32[4]{0}) while(%tuple.0), condition=%cond, body=%body
+}
+"""  # noqa: E501
+
+
+def test_hlo_parser_reads_sends_their_producers_and_loop_counts():
+  one, looped = sorted(compile_lib.dcn_allreduce_sends(HLO), key=lambda s: s["name"])
+  assert (one["dtype"], one["shape"], one["elements"]) == ("f32", (8, 8, 128), 8192)
+  assert one["source"].name == "fusion.6" and compile_lib.is_reduce_scatter(one["source"])
+  assert one["source"].array == ("f32", (512, 16)) and one["target"] == "{1,2}x{0:3}"
+  assert one["per_step"] == 1
+  # The send in the loop body runs once per iteration: 28 (the condition's bound).
+  assert (looped["name"], looped["shape"], looped["per_step"]) == ("send.3", (4,), 28)
+  assert not compile_lib.is_reduce_scatter(looped["source"])
+  known = 'body=%body, backend_config={"known_trip_count":{"n":"7"}}'
+  with_known = HLO.replace("body=%body", known)
+  assert max(s["per_step"] for s in compile_lib.dcn_allreduce_sends(with_known)) == 7
 
 
 def test_peak_over_usable_hbm_is_refused(two_slices):
