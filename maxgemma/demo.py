@@ -40,7 +40,7 @@ def _run(title: str, args: list[str], progress_total: int | None = None) -> None
   tail: list[str] = []
   for line in proc.stdout:
     tail = (tail + [line])[-40:]
-    m = re.match(r"step (\d+) \| .*loss ([\d.]+).*tokens_per_sec ([\d.e+]+)", line)
+    m = re.match(r"step (\d+) \|.*?\| loss ([\d.]+) \|.*\| tokens_per_sec ([\d.e+]+)", line)
     if progress_total and m:
       step, loss, tps = int(m[1]), float(m[2]), float(m[3])
       done = step / progress_total
