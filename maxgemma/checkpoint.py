@@ -29,6 +29,18 @@ class CorruptCheckpointError(RuntimeError):
   """A complete-looking checkpoint whose files cannot be read back."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A save that could not be completed (full disk, permissions...): nothing complete was lost."""
+
+
+def _root_cause(e: BaseException) -> str:
+  """The innermost message of an exception chain, on one line (orbax wraps tensorstore errors)."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  text = " ".join(str(e).split())
+  return ("No space left on device: " if "No space left" in text else "") + text[:300]
+
+
 def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
   return dataclasses.asdict(cfg)
 
@@ -87,7 +99,16 @@ class Checkpointer:
     items["meta"] = ocp.args.JsonSave(meta)
     if data_args is not None:
       items["data"] = data_args
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    try:
+      return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # an error of this save, or of the previous async one
+      raise self._write_error(e) from e
+
+  def _write_error(self, e: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"writing a checkpoint under {self.directory} failed ({_root_cause(e)}); the newest "
+        f"complete checkpoint (step {self.latest_step()}) is intact; fix the cause and rerun "
+        "to resume from it")
 
   def meta(self, step: int | None = None) -> dict[str, Any]:
     step = self.latest_step() if step is None else step
@@ -122,12 +143,17 @@ class Checkpointer:
     return {k: restored[k] for k in items if k != "data"}
 
   def wait(self) -> None:
-    """Blocks until the in-flight async save has committed."""
-    self.manager.wait_until_finished()
+    """Blocks until the in-flight async save has committed (raises CheckpointWriteError)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[dict, ModelConfig, int]:

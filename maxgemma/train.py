@@ -6,6 +6,9 @@ from the newest complete checkpoint in `--workdir`; SIGTERM saves a checkpoint a
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,9 +21,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from maxgemma.trainer.loop import train  # after flag parsing: jax starts here
+  from maxgemma.checkpoint import CheckpointWriteError, CorruptCheckpointError
+  from maxgemma.trainer.loop import NonFiniteError, train  # after flag parsing: jax starts here
 
-  last = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    last = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, FileNotFoundError, NonFiniteError, CorruptCheckpointError,
+          CheckpointWriteError) as e:
+    if os.environ.get("MAXGEMMA_TRACEBACK"):
+      raise
+    sys.exit(f"maxgemma.train: error: {e}  (MAXGEMMA_TRACEBACK=1 shows the traceback)")
   logging.info("finished: %s", last)
 
 

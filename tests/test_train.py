@@ -26,9 +26,14 @@ from tests.train_utils import (
 
 
 def test_trains_checkpoints_and_logs_consistent_metrics(tmp_path):
-  cfg = tiny_config(**{"train.steps": 6, "checkpoint.every": 3})
+  cfg = tiny_config(**{"train.steps": 6, "checkpoint.every": 3, "train.eval_every": 3,
+                       "train.profile_steps": "2:4"})
   last = train(cfg, str(tmp_path))
   assert last["step"] == 6
+  evals = [r for r in logged(str(tmp_path)) if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [3, 6] and all(4 < r["eval_loss"] < 9 for r in evals)
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [3, 6]
   records = [r for r in logged(str(tmp_path)) if "loss" in r]
   assert [r["step"] for r in records] == list(range(1, 7))
@@ -173,3 +178,30 @@ def test_nan_stops_without_a_checkpoint(tmp_path):
                        "optim.warmup_steps": 0, "optim.clip_norm": 0.0})
   with pytest.raises(RuntimeError, match=r"step \d+: non-finite .*no checkpoint written"):
     train(cfg, str(tmp_path))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """An 8 MB tmpfs: room for one tiny-model checkpoint, not two (needs root, as CI has)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("cannot mount a tmpfs here (not root)")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(small_disk):
+  workdir = str(small_disk / "run")
+  result = run_train(workdir, "--config.train.steps=8", "--config.checkpoint.every=2")
+  assert result.returncode != 0
+  message = [line for line in result.stderr.splitlines() if "maxgemma.train: error" in line]
+  assert message and "No space left on device" in message[0]
+  assert "newest complete checkpoint (step 2) is intact" in message[0]
+  assert checkpoint.Checkpointer(workdir).latest_step() == 2
+  # Room again: the run resumes from step 2 and finishes.
+  subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+  result = run_train(workdir, "--config.train.steps=8", "--config.checkpoint.every=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert checkpoint.Checkpointer(workdir).latest_step() == 8
