@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maxgemma.model import kv_cache
 from maxgemma.model.layers import Einsum, RMSNorm, dense_init
 from maxgemma.model.rope import apply_rope
 
@@ -66,7 +67,13 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array, rope_base: Array | float,
-               rope_scale: Array | float) -> Array:
+               rope_scale: Array | float, cache: kv_cache.Cache | None = None
+               ) -> Array | tuple[Array, kv_cache.Cache]:
+    """[B, L, D] -> [B, L, D]; with a `cache` (decoding) also returns the updated cache.
+
+    With a cache, `mask_BLS` covers the cached slots then the new tokens ([B, L, C + L], see
+    `kv_cache.cache_mask`).
+    """
     N, K, D, H = self.num_heads, self.num_kv_heads, self.d_model, self.head_dim
     x_BLD = x_BLD.astype(self.dtype)
     einsum = lambda name, shape, axes, init: Einsum(shape, axes, init, self.dtype,
@@ -87,7 +94,12 @@ class Attention(nn.Module):
     k_BSKH = apply_rope(k_BSKH, positions_BL, rope_base, rope_scale)
     q_BLNH = q_BLNH * jnp.asarray(self.query_scale, self.dtype)
     q_BLNH = nn.with_logical_constraint(q_BLNH, ("act_batch", "act_length", "act_heads", None))
+    new_cache = None
+    if cache is not None:
+      new_cache = kv_cache.write(cache, k_BSKH, v_BSKH, positions_BL)
+      k_BSKH, v_BSKH = kv_cache.extend(cache, k_BSKH, v_BSKH)
     out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=self.softcap,
                                      impl=self.impl)
-    return einsum("attn_vec_einsum", (N, H, D), ("heads", "head_dim", "embed"),
-                  dense_init((0, 1), 2))("BLNH,NHD->BLD", out_BLNH)
+    out_BLD = einsum("attn_vec_einsum", (N, H, D), ("heads", "head_dim", "embed"),
+                     dense_init((0, 1), 2))("BLNH,NHD->BLD", out_BLNH)
+    return out_BLD if cache is None else (out_BLD, new_cache)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxgemma.model import kv_cache
 from maxgemma.model.attention import GLOBAL_WINDOW, Attention, attention_mask
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.layers import Embedder, FeedForward, RMSNorm
@@ -33,22 +34,28 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array, layer_xs: dict
-               ) -> tuple[Array, None]:
+  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array | None, layer_xs: dict
+               ) -> tuple[Array, kv_cache.Cache | None]:
+    """Training: (x, None). Decoding (`layer_xs["cache"]` set, `mask_BLS` None): (x, cache)."""
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    # The window is a per-layer value: local layers add `q - k < window` to the shared mask.
-    q_idx = jnp.arange(x_BLD.shape[1])
-    in_window_LS = (q_idx[:, None] - q_idx[None, :]) < layer_xs["window"]
-    mask_BLS = mask_BLS & in_window_LS[None]
+    cache = layer_xs.get("cache")
+    if cache is None:
+      # The window is a per-layer value: local layers add `q - k < window` to the shared mask.
+      q_idx = jnp.arange(x_BLD.shape[1])
+      in_window_LS = (q_idx[:, None] - q_idx[None, :]) < layer_xs["window"]
+      mask_BLS = mask_BLS & in_window_LS[None]
+    else:
+      mask_BLS = kv_cache.cache_mask(cache, positions_BL, layer_xs["window"])
 
     h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_attention_norm")(x_BLD)
-    h_BLD = Attention(
+    attn = Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         d_model=cfg.d_model, query_scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl,
         dtype=dtype, param_dtype=pdtype, name="attn",
-    )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"])
+    )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"], cache=cache)
+    h_BLD, new_cache = attn if cache is not None else (attn, None)
     if cfg.use_post_attn_norm:
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_attention_norm")(h_BLD)
     x_BLD = x_BLD + h_BLD
@@ -60,7 +67,7 @@ class Block(nn.Module):
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_ffw_norm")(h_BLD)
     x_BLD = x_BLD + h_BLD
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
-    return x_BLD, None
+    return x_BLD, new_cache
 
 
 def layer_constants(cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -127,6 +134,27 @@ class Transformer(nn.Module):
     if return_hidden:
       return x_BLD
     return self.logits(x_BLD)
+
+  def decode(self, tokens_BL: Array, positions_BL: Array, cache: dict) -> tuple[Array, dict]:
+    """Cached decoding: logits [B, L, V] of L new tokens and the updated cache.
+
+    `cache` comes from `kv_cache.init_cache` (one entry per layer, or stacked under `layers` for
+    the scanned model). A prefill passes the whole prompt, each later step one token per row.
+    `positions_BL` are each token's position in its row; -1 marks padding (never attended to).
+    """
+    cfg = self.config
+    x_BLD = self.embedder.encode(tokens_BL)
+    consts = layer_constants(cfg)
+    if cfg.scan_layers:
+      x_BLD, new_layers = self.layers(x_BLD, positions_BL, None,
+                                      {**consts, "cache": cache["layers"]})
+      new_cache = {"layers": new_layers}
+    else:
+      new_cache = {}
+      for i, blk in enumerate(self.blocks):
+        xs = {**{k: v[i] for k, v in consts.items()}, "cache": cache[f"layer_{i}"]}
+        x_BLD, new_cache[f"layer_{i}"] = blk(x_BLD, positions_BL, None, xs)
+    return self.logits(self.final_norm(x_BLD)), new_cache
 
   def logits(self, x_BLD: Array) -> Array:
     """Tied output projection with the optional final soft-cap, float32 [B, L, V]."""

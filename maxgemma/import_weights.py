@@ -1,0 +1,240 @@
+"""Import released or exported weights into a maxgemma workdir (a checkpoint `train` continues).
+
+  python -m maxgemma.import_weights --from=hf|gguf|gemma --path=PATH --workdir=DIR
+      [--preset=NAME] [--tokenizer=FILE] [--step=0]
+
+  hf     a transformers directory (config.json + safetensors, sharded or not; any float dtype)
+  gguf   a GGUF file (F32/F16/BF16 and quantized tensors such as Q8_0, Q4_K, Q6_K: dequantized)
+  gemma  an official orbax checkpoint (flat `transformer/...` or nested layout); its config comes
+         from --preset, from our export's maxgemma_config.json, or from matching a known preset
+
+The model config is inferred from the file and checked against every tensor name and shape
+before anything is written. Weights are read one tensor at a time into the scanned float32 tree
+(one copy of the model), saved as a params-only checkpoint (`train` starts a fresh optimizer and
+restores the params straight onto its mesh), and the tokenizer goes to WORKDIR/tokenizer.model
+(`tokenizer.model` next to the weights, or rebuilt from GGUF metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from maxgemma.convert import gemma as gemma_fmt
+from maxgemma.convert import gguf as gguf_fmt
+from maxgemma.convert import hf
+from maxgemma.convert.safetensors_io import SafetensorsDir
+from maxgemma.convert.workdir import OrbaxArrays, atomic_output, nest
+from maxgemma.model.config import ModelConfig
+from maxgemma.model.gemma import Transformer
+from maxgemma.model.presets import get_preset
+
+FORMATS = ("hf", "gguf", "gemma")
+
+
+class Source:
+  """Weights of one model in some format: config, tokenizer, and layer-by-layer reads."""
+
+  config: ModelConfig
+  tokenizer: bytes | None
+
+  def globals(self) -> dict:
+    raise NotImplementedError
+
+  def block(self, i: int) -> dict:
+    raise NotImplementedError
+
+
+def _check_names(found: dict[str, tuple], want: dict[str, tuple], where: str,
+                 ignore: tuple[str, ...] = ()) -> None:
+  missing = sorted(want.keys() - found.keys())
+  extra = sorted(n for n in found.keys() - want.keys() if n not in ignore)
+  wrong = sorted(f"{n} {tuple(found[n])} (config expects {tuple(want[n])})"
+                 for n in want.keys() & found.keys() if tuple(found[n]) != tuple(want[n]))
+  if missing or extra or wrong:
+    raise ValueError(gemma_fmt.describe_mismatch(where, missing, extra, wrong))
+
+
+class HFSource(Source):
+  def __init__(self, path: str):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+      raise FileNotFoundError(f"{config_path} does not exist: --path must be a transformers "
+                              "model directory")
+    with open(config_path) as f:
+      self.config = hf.config_from_hf(json.load(f), config_path)
+    self.files = SafetensorsDir(path)
+    found = {n: self.files.shape(n) for n in self.files.names()}
+    _check_names(found, hf.hf_shapes(self.config), f"{path} vs its config.json",
+                 ignore=("lm_head.weight",))
+    tok = os.path.join(path, "tokenizer.model")
+    self.tokenizer = open(tok, "rb").read() if os.path.isfile(tok) else None  # noqa: SIM115
+
+  def _get(self, name: str) -> np.ndarray:
+    return self.files.read(name).astype(np.float32, copy=False)
+
+  def globals(self) -> dict:
+    return {"embedder": {"input_embedding": self._get(hf.EMBED)},
+            "final_norm": {"scale": self._get(hf.FINAL_NORM)}}
+
+  def block(self, i: int) -> dict:
+    return hf.layer_from_hf(self._get, self.config, i)
+
+
+class GGUFSource(Source):
+  def __init__(self, path: str):
+    self.file = gguf_fmt.GGUFFile(path)
+    self.config = gguf_fmt.config_from_metadata(self.file.reader, path)
+    family = self.config.family
+    want = {gguf_fmt.gguf_name(n, family): s for n, s in hf.hf_shapes(self.config).items()}
+    found = {n: self.file.shape(n) for n in self.file.tensors}
+    _check_names(found, want, f"{path} vs its metadata", ignore=("output.weight",))
+    self.tokenizer = gguf_fmt.tokenizer_from_metadata(self.file.reader, path)
+
+  def _get(self, hf_name: str) -> np.ndarray:
+    name = gguf_fmt.gguf_name(hf_name, self.config.family)
+    return self.file.read_scale(name) if gguf_fmt.is_norm(name) else self.file.read(name)
+
+  def globals(self) -> dict:
+    return {"embedder": {"input_embedding": self._get(hf.EMBED)},
+            "final_norm": {"scale": self._get(hf.FINAL_NORM)}}
+
+  def block(self, i: int) -> dict:
+    return hf.layer_from_hf(self._get, self.config, i)
+
+
+class GemmaSource(Source):
+  def __init__(self, path: str, preset: str = ""):
+    self.arrays = OrbaxArrays(path)
+    self.paths = {gemma_fmt.from_stored(k): k for k in self.arrays.keys}
+    shapes = {p: self.arrays.shape(k) for p, k in self.paths.items()}
+    sidecar = os.path.join(path, gemma_fmt.CONFIG_FILE)
+    if preset:
+      self.config = get_preset(preset)
+    elif os.path.isfile(sidecar):
+      from maxgemma.checkpoint import model_config_from_dict  # noqa: PLC0415
+      with open(sidecar) as f:
+        self.config = model_config_from_dict(json.load(f)).validate()
+    else:
+      cfg = gemma_fmt.infer_config(shapes)
+      if cfg is None:
+        raise ValueError(f"{path}: an official checkpoint carries no config and its shapes match "
+                         "no single known preset; pass --preset=NAME")
+      self.config = cfg
+    gemma_fmt.check_shapes(shapes, self.config, f"{path} vs config")
+    tok = os.path.join(path, "tokenizer.model")
+    self.tokenizer = open(tok, "rb").read() if os.path.isfile(tok) else None  # noqa: SIM115
+
+  def _subtree(self, first: str) -> dict:
+    return nest({p[1:]: self.arrays.read(k).astype(np.float32, copy=False)
+                 for p, k in self.paths.items() if p[0] == first})
+
+  def globals(self) -> dict:
+    return {"embedder": self._subtree("embedder"), "final_norm": self._subtree("final_norm")}
+
+  def block(self, i: int) -> dict:
+    return self._subtree(f"layer_{i}")
+
+
+def open_source(fmt: str, path: str, preset: str = "") -> Source:
+  if fmt not in FORMATS:
+    raise ValueError(f"--from={fmt!r}; allowed: {', '.join(FORMATS)}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  if fmt == "hf":
+    return HFSource(path)
+  if fmt == "gguf":
+    return GGUFSource(path)
+  return GemmaSource(path, preset)
+
+
+def scanned_tree(source: Source, cfg: ModelConfig,
+                 progress: Callable[[int], None] | None = None) -> dict:
+  """The scanned float32 parameter tree, filled one layer at a time (one copy of the model)."""
+  model = Transformer(cfg.replace(scan_layers=True))
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+  params = jax.tree.map(lambda s: np.empty(s.shape, np.float32), shapes["params"])
+  g = source.globals()
+  params["embedder"]["input_embedding"][...] = g["embedder"]["input_embedding"]
+  params["final_norm"]["scale"][...] = g["final_norm"]["scale"]
+  del g
+  for i in range(cfg.num_layers):
+    blk = source.block(i)
+    jax.tree.map(lambda dst, src, i=i: dst.__setitem__(i, src), params["layers"], blk)
+    del blk
+    if progress:
+      progress(i)
+  return params
+
+
+def import_weights(fmt: str, path: str, workdir: str, *, preset: str = "", tokenizer: str = "",
+                   step: int = 0) -> ModelConfig:
+  """Reads, checks and converts `path`, then writes WORKDIR's checkpoint and tokenizer."""
+  from maxgemma.checkpoint import Checkpointer  # noqa: PLC0415
+  from maxgemma.data.tokenizer import Tokenizer, load  # noqa: PLC0415
+
+  source = open_source(fmt, path, preset)  # every check happens here, before any write
+  cfg = source.config
+  proto = load(tokenizer).model_proto if tokenizer else source.tokenizer
+  if proto is not None:
+    tok = Tokenizer(proto)
+    if tok.vocab_size > cfg.vocab_size:
+      raise ValueError(f"the tokenizer has {tok.vocab_size} pieces, more than the model's "
+                       f"{cfg.vocab_size} embedding rows")
+  existing = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(existing) and any(n.isdigit() for n in os.listdir(existing)):
+    raise FileExistsError(f"{existing} already holds checkpoints; import into a new --workdir")
+  params = scanned_tree(source, cfg)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = Checkpointer(workdir, ml_collections.ConfigDict(dict(keep_last=0, keep_every=0,
+                                                              async_save=False)))
+  origin = ml_collections.ConfigDict({"import_weights": {"format": fmt,
+                                                         "path": os.path.abspath(path)}})
+  if proto is not None:
+    with atomic_output(os.path.join(workdir, "tokenizer.model"), directory=False,
+                       overwrite=True) as tmp, open(tmp, "wb") as f:
+      f.write(proto)
+  ckpt.save(step, {"params": params}, model_cfg=cfg, config=origin)  # orbax: whole or absent
+  ckpt.close()
+  return cfg
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  flags.DEFINE_enum("from", None, list(FORMATS), "Input format.")
+  flags.DEFINE_string("path", None, "HF directory, GGUF file or orbax checkpoint directory.")
+  flags.DEFINE_string("workdir", None, "New experiment directory to write.")
+  flags.DEFINE_string("preset", "", "Model preset (only needed for official gemma checkpoints "
+                      "whose shapes match no single preset).")
+  flags.DEFINE_string("tokenizer", "", "SentencePiece model to use instead of the file's own.")
+  flags.DEFINE_integer("step", 0, "Step number of the written checkpoint.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  fmt = FLAGS["from"].value
+  for name, value in (("from", fmt), ("path", FLAGS.path), ("workdir", FLAGS.workdir)):
+    if not value:
+      raise app.UsageError(f"--{name} is required")
+  try:
+    cfg = import_weights(fmt, FLAGS.path, FLAGS.workdir, preset=FLAGS.preset,
+                         tokenizer=FLAGS.tokenizer, step=FLAGS.step)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    raise SystemExit(f"import failed: {e}") from None
+  print(f"imported {FLAGS.path} ({fmt}): {cfg.family}, {cfg.num_layers} layers, d_model "
+        f"{cfg.d_model}, vocab {cfg.vocab_size} -> {FLAGS.workdir}/checkpoints/{FLAGS.step}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
