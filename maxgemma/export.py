@@ -39,7 +39,7 @@ DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gemma": ("float32", "bfloat
 
 
 def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: str = "float32",
-           tokenizer: str = "", overwrite: bool = False, max_shard_mb: int = 2048) -> str | None:
+           tokenizer: str = "", overwrite: bool = False, max_shard_mb: float = 2048) -> str | None:
   """Writes the export; returns its path (None on processes other than 0)."""
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -63,12 +63,12 @@ def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: 
 
 
 def _export_hf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwrite: bool,
-               max_shard_mb: int) -> None:
+               max_shard_mb: float) -> None:
   cfg = reader.config
   np_dtype = gemma_fmt.np_dtype(dtype)
   with atomic_output(out, directory=True, overwrite=overwrite) as tmp:
     writer = ShardedWriter(tmp, {n: (s, np_dtype) for n, s in hf.hf_shapes(cfg).items()},
-                           max_shard_bytes=max_shard_mb << 20)
+                           max_shard_bytes=int(max_shard_mb * 2**20))
     g = reader.globals()
     writer.write(hf.EMBED, g["embedder"]["input_embedding"])
     writer.write(hf.FINAL_NORM, g["final_norm"]["scale"])
@@ -96,7 +96,7 @@ def write_hf_tokenizer(directory: str, proto: bytes, cfg: ModelConfig) -> None:
 
 
 def _export_gguf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwrite: bool,
-                 max_shard_mb: int) -> None:
+                 max_shard_mb: float) -> None:
   del max_shard_mb
   import gguf  # noqa: PLC0415
 
@@ -151,7 +151,7 @@ def _hf_norm_name(path: tuple[str, ...], hf_norm: dict[str, str], i: int) -> str
 
 
 def _export_gemma(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwrite: bool,
-                  max_shard_mb: int) -> None:
+                  max_shard_mb: float) -> None:
   del max_shard_mb
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
@@ -210,7 +210,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("tokenizer", "", "SentencePiece model (default: WORKDIR/tokenizer.model, "
                       "then the training config's tokenizer).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
-  flags.DEFINE_integer("max_shard_mb", 2048, "Largest safetensors shard (hf).")
+  flags.DEFINE_float("max_shard_mb", 2048, "Largest safetensors shard (hf).")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ PRESETS = ["tiny_gemma1_mqa", "tiny_gemma2", "tiny_gemma3"]
 def make_workdir(root: str, preset: str, seed: int = 5, **overrides):
   """A workdir with one params-only checkpoint (step 7) of random weights; returns (dir, cfg,
   official params)."""
-  cfg = get_preset(preset, vocab_size=VOCAB, **overrides)
+  cfg = get_preset(preset, **{"vocab_size": VOCAB, **overrides})
   params = random_params(cfg, seed)
   workdir = os.path.join(root, preset)
   ckpt = Checkpointer(workdir, ml_collections.ConfigDict(dict(keep_last=0, keep_every=0,
