@@ -81,7 +81,7 @@ def table(rows: list[dict]) -> str:
     dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
     lines.append(
         f"| {r['what']} | {r['chips']} | {r['global_batch']} x {r['seq_len']} "
-        f"({r['tokens_per_step'] / 2**20:.0f}M) | {g(m['peak_bytes'])} | {g(m['argument_bytes'])} "
+        f"({r['tokens_per_step'] / 1e6:.2f}M) | {g(m['peak_bytes'])} | {g(m['argument_bytes'])} "
         f"| {g(m['temp_bytes'])} | {r['model_flops_per_step'] / 1e12:,.0f} "
         f"| {r['roofline_step_s']:.2f} s | {r['step_s_at_target_mfu']:.2f} s | {dcn} "
         f"| {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")
@@ -93,7 +93,12 @@ def main() -> None:
   parser.add_argument("--rows", default=",".join(ROWS), help=f"some of {', '.join(ROWS)}")
   parser.add_argument("--keep", action="store_true", help="keep the other rows of the JSON")
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
+  parser.add_argument("--render", action="store_true",
+                      help="compile nothing: rewrite docs/aot.md's table from the JSON")
   args = parser.parse_args()
+  if args.render:
+    write_doc(json.loads(RESULTS.read_text()))
+    return
   names = [n for n in args.rows.split(",") if n]
   unknown = set(names) - set(ROWS)
   if unknown:
@@ -113,7 +118,12 @@ def main() -> None:
   }
   RESULTS.parent.mkdir(parents=True, exist_ok=True)
   RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-  md = table(rows)
+  write_doc(result)
+
+
+def write_doc(result: dict) -> None:
+  """Prints the table and puts it between the markers of docs/aot.md."""
+  md = table(result["rows"])
   print(md)
   if DOC.exists() and START in DOC.read_text():
     text = DOC.read_text()

@@ -165,11 +165,25 @@ def parse_hlo(hlo_text: str) -> dict[str, Instr]:
   return out
 
 
+def _loop_start(loop: Instr, instrs: dict[str, Instr]) -> int:
+  """The constant a while loop's counter (tuple element 0 of its operand) starts at, else 0."""
+  init = instrs.get(loop.operands[0]) if loop.operands else None
+  if init is None or init.opcode != "tuple" or not init.operands:
+    return 0
+  x = instrs.get(init.operands[0])
+  while x is not None and x.opcode in ("copy", "bitcast") and x.operands:
+    x = instrs.get(x.operands[0])
+  if x is not None and x.opcode == "constant" and re.fullmatch(r"-?\d+", x.args.strip()):
+    return int(x.args)
+  return 0
+
+
 def loop_multipliers(instrs: dict[str, Instr]) -> dict[str, int]:
   """How many times each while-loop body computation runs per execution (nested loops multiply).
 
   The trip count is the loop's `known_trip_count` when the compiler recorded one, else the
-  integer constant its condition compares the counter against (`lax.scan` loops count 0..N-1).
+  integer constant its condition compares the counter against minus the counter's initial value
+  (`lax.scan` loops count 0..N-1; the compiler may peel the first iteration and start at 1).
   """
   trips: dict[str, tuple[int, str]] = {}  # body -> (trip count, computation holding the while)
   for ins in instrs.values():
@@ -185,7 +199,7 @@ def loop_multipliers(instrs: dict[str, Instr]) -> dict[str, int]:
     else:
       consts = [int(c.args) for c in instrs.values() if cond and c.computation == cond.group(1)
                 and c.opcode == "constant" and re.fullmatch(r"-?\d+", c.args.strip())]
-      n = consts[0] if len(consts) == 1 else 1
+      n = consts[0] - _loop_start(ins, instrs) if len(consts) == 1 else 1
     trips[body.group(1)] = (n, ins.computation)
 
   def mult(comp: str, depth: int = 0) -> int:

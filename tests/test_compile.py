@@ -116,6 +116,9 @@ ENTRY %main (param.1: f32[512,64]) -> f32[512,16] {
   %after-all.1 = token[] after-all()
   %send.1 = (f32[8,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%bitcast.6, %after-all.1), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
   %send.2 = (f32[4]{0}, u32[], token[]) send(%after-all.1, %after-all.1), channel_id=4, frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}
+  %constant.1 = s32[]{:T(128)} constant(1)
+  %copy.1 = s32[]{:T(128)} copy(%constant.1)
+  %tuple.0 = (s32[]{:T(128)}, f32[4]{0}) tuple(%copy.1, %param.1)
   %while.1 = (s32[]{:T(128)}, f32[4]{0}) while(%tuple.0), condition=%cond, body=%body
 }
 """  # noqa: E501
@@ -127,8 +130,9 @@ def test_hlo_parser_reads_sends_their_producers_and_loop_counts():
   assert one["source"].name == "fusion.6" and compile_lib.is_reduce_scatter(one["source"])
   assert one["source"].array == ("f32", (512, 16)) and one["target"] == "{1,2}x{0:3}"
   assert one["per_step"] == 1
-  # The send in the loop body runs once per iteration: 28 (the condition's bound).
-  assert (looped["name"], looped["shape"], looped["per_step"]) == ("send.3", (4,), 28)
+  # The send in the loop body runs once per iteration: the counter runs from 1 (first iteration
+  # peeled, as the TPU compiler does for the backward scan) while < 28, so 27 times.
+  assert (looped["name"], looped["shape"], looped["per_step"]) == ("send.3", (4,), 27)
   assert not compile_lib.is_reduce_scatter(looped["source"])
   known = 'body=%body, backend_config={"known_trip_count":{"n":"7"}}'
   with_known = HLO.replace("body=%body", known)
