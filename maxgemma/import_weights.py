@@ -17,6 +17,7 @@ restores the params straight onto its mesh), and the tokenizer goes to WORKDIR/t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -24,7 +25,6 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -178,7 +178,6 @@ def scanned_tree(source: Source, cfg: ModelConfig,
 def import_weights(fmt: str, path: str, workdir: str, *, preset: str = "", tokenizer: str = "",
                    step: int = 0) -> ModelConfig:
   """Reads, checks and converts `path`, then writes WORKDIR's checkpoint and tokenizer."""
-  from maxgemma.checkpoint import Checkpointer  # noqa: PLC0415
   from maxgemma.data.tokenizer import Tokenizer, load  # noqa: PLC0415
 
   source = open_source(fmt, path, preset)  # every check happens here, before any write
@@ -194,17 +193,54 @@ def import_weights(fmt: str, path: str, workdir: str, *, preset: str = "", token
     raise FileExistsError(f"{existing} already holds checkpoints; import into a new --workdir")
   params = scanned_tree(source, cfg)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(workdir, ml_collections.ConfigDict(dict(keep_last=0, keep_every=0,
-                                                              async_save=False)))
-  origin = ml_collections.ConfigDict({"import_weights": {"format": fmt,
-                                                         "path": os.path.abspath(path)}})
   if proto is not None:
     with atomic_output(os.path.join(workdir, "tokenizer.model"), directory=False,
                        overwrite=True) as tmp, open(tmp, "wb") as f:
       f.write(proto)
-  ckpt.save(step, {"params": params}, model_cfg=cfg, config=origin)  # orbax: whole or absent
-  ckpt.close()
+  save_params_checkpoint(workdir, step, params, cfg, {"import_weights": {
+      "format": fmt, "path": os.path.abspath(path)}})
   return cfg
+
+
+def save_params_checkpoint(workdir: str, step: int, params: dict, cfg: ModelConfig,
+                           config: dict) -> None:
+  """A params-only checkpoint laid out as `maxgemma.checkpoint.Checkpointer` writes it.
+
+  Same items (`params`, `meta`), same orbax PyTree/OCDBT format, so `Checkpointer.restore` and
+  `load_params` read it; but the arrays are written without zstd compression and without orbax's
+  defensive host copy: both would hold another copy of the model while writing (float weights
+  barely compress anyway). Orbax writes the step to a temporary directory and renames it.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from maxgemma.checkpoint import CHECKPOINT_DIR, model_config_to_dict  # noqa: PLC0415
+
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+      item_handlers={"params": ocp.PyTreeCheckpointHandler(use_compression=False),
+                     "meta": ocp.JsonCheckpointHandler()})
+  meta = {"step": int(step), "model": model_config_to_dict(cfg), "config": config}
+  with _no_host_copies():
+    manager.save(int(step), args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
+                                                    meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+  manager.close()
+
+
+@contextlib.contextmanager
+def _no_host_copies():
+  """Orbax deep-copies numpy arrays before writing them (a second copy of the model); our tree
+  is not touched during the save, so the copy is switched off for it."""
+  from orbax.checkpoint import type_handlers  # noqa: PLC0415
+
+  original = type_handlers.get_type_handler(np.ndarray)
+  type_handlers.register_type_handler(
+      np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
+  try:
+    yield
+  finally:
+    type_handlers.register_type_handler(np.ndarray, original, override=True)
 
 
 FLAGS = flags.FLAGS
