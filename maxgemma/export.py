@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from maxgemma.convert import gemma as gemma_fmt
 from maxgemma.convert import gguf as gguf_fmt
@@ -215,6 +215,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   for name in ("workdir", "format", "out"):
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from maxgemma.convert import gemma as gemma_fmt
 from maxgemma.convert import gguf as gguf_fmt
@@ -258,6 +258,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   fmt = FLAGS["from"].value
   for name, value in (("from", fmt), ("path", FLAGS.path), ("workdir", FLAGS.workdir)):
     if not value:

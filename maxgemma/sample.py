@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from maxgemma.model import kv_cache
 from maxgemma.model.config import ModelConfig
@@ -203,6 +203,7 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   from maxgemma.checkpoint import load_params  # noqa: PLC0415
   from maxgemma.convert.workdir import resolve_tokenizer  # noqa: PLC0415
   from maxgemma.data.tokenizer import load_tokenizer  # noqa: PLC0415
