@@ -157,15 +157,26 @@ class Checkpointer:
 
 
 def load_params(workdir: str, step: int | None = None) -> tuple[dict, ModelConfig, int]:
-  """(params as host numpy arrays in the scanned tree, model config, step) of a checkpoint."""
+  """(params as host numpy arrays in the scanned tree, model config, step) of a checkpoint.
+
+  Works on any machine: the arrays are read onto this process's first device whatever mesh saved
+  them, then copied to the host.
+  """
   ckpt = Checkpointer(workdir, read_only=True)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train first or pass "
-                            "the --workdir that holds one")
-  meta = ckpt.meta(step)
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore()))
-  params = jax.tree.map(lambda x: jax.device_get(x), restored["params"])
-  ckpt.close()
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train first or pass "
+                              "the --workdir that holds one")
+    meta = ckpt.meta(step)
+  finally:
+    ckpt.close()
+  directory = ckpt.directory / str(step) / "params"
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(directory)
+  tree = getattr(tree, "item_metadata", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  params = jax.device_get(checkpointer.restore(directory, target))
+  checkpointer.close()
   return params, model_config_from_dict(meta["model"]), step
