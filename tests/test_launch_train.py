@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from maxgemma import checkpoint
-from tests.train_utils import PEAK, ROOT, losses_by_step
+from tests.train_utils import PEAK, ROOT, losses_by_step, run_train
 
 
 def launch(workdir, log_dir, steps):
@@ -38,3 +38,9 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   losses = losses_by_step(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]  # 1-4 from the first launch, 5-6 after resume
   assert checkpoint.Checkpointer(workdir).latest_step() == 6
+  # One process now: parameters and optimizer state reshard, the data order restarts (warned).
+  third = run_train(workdir, "--config.train.steps=8", "--config.checkpoint.every=2",
+                    "--config.optim.decay_steps=6")
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert "saved with another process count" in third.stderr
+  assert sorted(losses_by_step(workdir)) == list(range(1, 9))

@@ -133,3 +133,16 @@ def test_two_real_processes_give_the_same_loss(reference, tmp_path):
       timeout=360)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   np.testing.assert_allclose(json.loads(out.read_text()), reference, rtol=TOLERANCE)
+
+
+def test_refuses_a_large_leaf_left_replicated():
+  # 16,385 vocabulary rows divide no tensor axis, and fsdp is 1: the embedding would be copied
+  # whole onto every device.
+  cfg = make_config("tiny_gemma1_mqa", ici_tensor=8)
+  cfg.model.vocab_size = 16_385
+  model_cfg = config_lib.model_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices())
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  with pytest.raises(ValueError, match=r"parameter leaf \['embedder'\]\['input_embedding'\] "
+                                       r"\(16385, 64\) would be fully replicated"):
+    state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)

@@ -205,3 +205,21 @@ def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(small_disk):
   result = run_train(workdir, "--config.train.steps=8", "--config.checkpoint.every=2")
   assert result.returncode == 0, result.stderr[-2000:]
   assert checkpoint.Checkpointer(workdir).latest_step() == 8
+
+
+def test_keeps_the_last_n_plus_every_kth(tmp_path):
+  cfg = tiny_config(**{"train.steps": 9, "checkpoint.every": 1, "checkpoint.keep_last": 2,
+                       "checkpoint.keep_every": 4})
+  train(cfg, str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [4, 8, 9]
+
+
+def test_nan_skip_policy_finishes_with_finite_weights(tmp_path, caplog):
+  # A huge learning rate makes later steps overflow; each such step is skipped, not applied.
+  cfg = tiny_config(**{"train.steps": 5, "checkpoint.every": 5, "optim.learning_rate": 1e30,
+                       "optim.clip_norm": 0.0, "train.nan_policy": "skip"})
+  train(cfg, str(tmp_path))
+  assert "skipping the batch" in caplog.text
+  params, _, step = checkpoint.load_params(str(tmp_path))
+  assert step == 5
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -73,6 +73,12 @@ class DataRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
+def saved_for(iterator: Any, directory: str) -> bool:
+  """Whether `directory` (a checkpoint's "data" item) holds a position for this iterator's
+  process index and count (a run resumed with another number of processes finds none)."""
+  return (epath.Path(directory) / _filename(iterator)).exists()
+
+
 def data_save_args(iterator: Any) -> DataSave:
   """Orbax args saving `iterator`'s position (item "data" of a Composite)."""
   return DataSave(iterator)

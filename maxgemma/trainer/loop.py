@@ -75,8 +75,15 @@ def _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt: Checkpoint
   meta = ckpt.meta(latest)
   if meta.get("model"):
     check_same_architecture(model_config_from_dict(meta["model"]), model_cfg, workdir)
-  restored = ckpt.restore(latest, abstract, shardings,
-                          data_args=data_ckpt.data_restore_args(data_iter))
+  data_args = data_ckpt.data_restore_args(data_iter)
+  if not data_ckpt.saved_for(data_iter, str(ckpt.directory / str(latest) / "data")):
+    # Saved by another number of processes: the state reshards, the data position cannot.
+    logging.warning("checkpoint %d holds no data position for process %d of %d (saved with "
+                    "another process count): parameters and optimizer state are restored, the "
+                    "data order starts again from the seed", latest, jax.process_index(),
+                    jax.process_count())
+    data_args = None
+  restored = ckpt.restore(latest, abstract, shardings, data_args=data_args)
   if "opt_state" not in restored:  # imported weights: a fresh optimizer on the restored params
     restored["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
         restored["params"])
