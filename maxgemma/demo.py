@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def _env() -> dict[str, str]:
 
 def _run(title: str, args: list[str], progress_total: int | None = None) -> None:
   """Runs `python -m ...args`, showing a one-line progress display for training steps."""
-  print(f"\n== {title}\n   $ python -m {' '.join(args)}", flush=True)
+  print(f"\n== {title}\n   $ python -m {shlex.join(args)}", flush=True)
   start = time.time()
   proc = subprocess.Popen([sys.executable, "-m", *args], env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
