@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from maxgemma.model import kv_cache
 from maxgemma.model.layers import Einsum, RMSNorm, dense_init
@@ -32,11 +33,22 @@ def attention_mask(q_pos_BL: Array, k_pos_BS: Array, q_seg_BL: Array, k_seg_BS: 
   return mask_BLS
 
 
-def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS: Array, *,
-                          softcap: float | None = None, impl: str = "xla") -> Array:
-  """softmax(q k^T [soft-capped], masked) v, returning [B, L, N, H]; q must be pre-scaled."""
-  if impl != "xla":
-    raise ValueError(f"attention_impl {impl!r} is not available; allowed values: xla")
+def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS: Array | None,
+                          *, softcap: float | None = None, impl: str = "xla",
+                          segment_ids_BL: Array | None = None, window=None,
+                          windows: tuple[int | None, ...] = (None,)) -> Array:
+  """softmax(q k^T [soft-capped], masked) v, returning [B, L, N, H]; q must be pre-scaled.
+
+  "xla" uses the dense `mask_BLS`. The kernels ("dot_product", "splash": `attention_kernels`)
+  take causal self-attention within `segment_ids_BL` and the layer's `window` instead
+  (`mask_BLS` None); given a dense mask (decoding) they use this reference.
+  """
+  if impl != "xla" and mask_BLS is None:
+    from maxgemma.model import attention_kernels  # it imports this module
+
+    return attention_kernels.attend(q_BLNH, k_BSKH, v_BSKH, impl=impl,
+                                    segment_ids_BL=segment_ids_BL, window=window,
+                                    windows=windows, softcap=softcap)
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
   q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
@@ -62,13 +74,15 @@ class Attention(nn.Module):
   use_qk_norm: bool = False
   norm_eps: float = 1e-6
   impl: str = "xla"
+  windows: tuple[int | None, ...] = (None,)  # the model's distinct windows (kernel impls)
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array, rope_base: Array | float,
-               rope_scale: Array | float, cache: kv_cache.Cache | None = None
-               ) -> Array | tuple[Array, kv_cache.Cache]:
+  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array | None,
+               rope_base: Array | float, rope_scale: Array | float,
+               cache: kv_cache.Cache | None = None, segment_ids_BL: Array | None = None,
+               window=None) -> Array | tuple[Array, kv_cache.Cache]:
     """[B, L, D] -> [B, L, D]; with a `cache` (decoding) also returns the updated cache.
 
     With a cache, `mask_BLS` covers the cached slots then the new tokens ([B, L, C + L], see
@@ -98,8 +112,13 @@ class Attention(nn.Module):
     if cache is not None:
       new_cache = kv_cache.write(cache, k_BSKH, v_BSKH, positions_BL)
       k_BSKH, v_BSKH = kv_cache.extend(cache, k_BSKH, v_BSKH)
+    q_BLNH, k_BSKH, v_BSKH = (checkpoint_name(q_BLNH, "qkv_proj"),
+                              checkpoint_name(k_BSKH, "qkv_proj"),
+                              checkpoint_name(v_BSKH, "qkv_proj"))
     out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=self.softcap,
-                                     impl=self.impl)
+                                     impl=self.impl, segment_ids_BL=segment_ids_BL,
+                                     window=window, windows=self.windows)
+    out_BLNH = checkpoint_name(out_BLNH, "attn_context")
     out_BLD = einsum("attn_vec_einsum", (N, H, D), ("heads", "head_dim", "embed"),
                      dense_init((0, 1), 2))("BLNH,NHD->BLD", out_BLNH)
     return out_BLD if cache is None else (out_BLD, new_cache)

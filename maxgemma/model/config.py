@@ -11,8 +11,9 @@ from typing import Literal
 
 LayerType = Literal["global", "local"]
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj")
-ATTENTION_IMPLS = ("xla",)
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj",
+                  "save_names", "offload_names")
+ATTENTION_IMPLS = ("xla", "dot_product", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("gemma1", "gemma2", "gemma3")
 

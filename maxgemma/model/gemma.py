@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from maxgemma.model import kv_cache
 from maxgemma.model.attention import GLOBAL_WINDOW, Attention, attention_mask
@@ -20,11 +21,18 @@ from maxgemma.model.layers import Embedder, FeedForward, RMSNorm
 
 Array = jax.Array
 
+SAVED_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_out")
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
     "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    # The `checkpoint_name` tags of the block: q/k/v after RoPE, the attention context and the
+    # attention and feed-forward outputs; the rest (norms, GeGLU hidden) is recomputed.
+    "save_names": jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
+    "offload_names": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(SAVED_NAMES),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -34,28 +42,34 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array | None, layer_xs: dict
-               ) -> tuple[Array, kv_cache.Cache | None]:
-    """Training: (x, None). Decoding (`layer_xs["cache"]` set, `mask_BLS` None): (x, cache)."""
+  def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array | None, layer_xs: dict,
+               segment_ids_BL: Array | None = None) -> tuple[Array, kv_cache.Cache | None]:
+    """Training: (x, None). Decoding (`layer_xs["cache"]` set, `mask_BLS` None): (x, cache).
+
+    With a kernel `attention_impl` training passes `segment_ids_BL` and no dense mask.
+    """
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     cache = layer_xs.get("cache")
-    if cache is None:
+    if cache is not None:
+      mask_BLS = kv_cache.cache_mask(cache, positions_BL, layer_xs["window"])
+    elif mask_BLS is not None:  # (kernel impls: no dense mask, the kernel applies the window)
       # The window is a per-layer value: local layers add `q - k < window` to the shared mask.
       q_idx = jnp.arange(x_BLD.shape[1])
       in_window_LS = (q_idx[:, None] - q_idx[None, :]) < layer_xs["window"]
       mask_BLS = mask_BLS & in_window_LS[None]
-    else:
-      mask_BLS = kv_cache.cache_mask(cache, positions_BL, layer_xs["window"])
 
     h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_attention_norm")(x_BLD)
     attn = Attention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         d_model=cfg.d_model, query_scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl,
+        windows=tuple(sorted(set(cfg.layer_windows()), key=lambda w: w or GLOBAL_WINDOW)),
         dtype=dtype, param_dtype=pdtype, name="attn",
-    )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"], cache=cache)
+    )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"], cache=cache,
+      segment_ids_BL=segment_ids_BL, window=layer_xs["window"])
     h_BLD, new_cache = attn if cache is not None else (attn, None)
+    h_BLD = checkpoint_name(h_BLD, "attn_out")
     if cfg.use_post_attn_norm:
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_attention_norm")(h_BLD)
     x_BLD = x_BLD + h_BLD
@@ -63,6 +77,7 @@ class Block(nn.Module):
     h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_ffw_norm")(x_BLD)
     h_BLD = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.transpose_gating_einsum, dtype=dtype,
                         param_dtype=pdtype, name="mlp")(h_BLD)
+    h_BLD = checkpoint_name(h_BLD, "mlp_out")
     if cfg.use_post_ffw_norm:
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_ffw_norm")(h_BLD)
     x_BLD = x_BLD + h_BLD
@@ -102,7 +117,7 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
     else:
@@ -120,16 +135,20 @@ class Transformer(nn.Module):
     tokens_BL, positions_BL, segment_ids_BL = check_inputs(tokens, positions, segment_ids)
     idx_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     # Causal by index (the packed layout keeps each document contiguous), within one segment.
-    mask_BLS = attention_mask(idx_BL, idx_BL, segment_ids_BL, segment_ids_BL)
+    # The kernel impls build no dense mask: they take the segment ids (and each layer's window).
+    kernel = cfg.attention_impl != "xla"
+    mask_BLS = None if kernel else attention_mask(idx_BL, idx_BL, segment_ids_BL, segment_ids_BL)
+    seg_BL = segment_ids_BL if kernel else None
 
     x_BLD = self.embedder.encode(tokens_BL)
     x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
     consts = layer_constants(cfg)
     if cfg.scan_layers:
-      x_BLD, _ = self.layers(x_BLD, positions_BL, mask_BLS, consts)
+      x_BLD, _ = self.layers(x_BLD, positions_BL, mask_BLS, consts, seg_BL)
     else:
       for i, blk in enumerate(self.blocks):
-        x_BLD, _ = blk(x_BLD, positions_BL, mask_BLS, {k: v[i] for k, v in consts.items()})
+        x_BLD, _ = blk(x_BLD, positions_BL, mask_BLS, {k: v[i] for k, v in consts.items()},
+                       seg_BL)
     x_BLD = self.final_norm(x_BLD)
     if return_hidden:
       return x_BLD
@@ -147,7 +166,7 @@ class Transformer(nn.Module):
     consts = layer_constants(cfg)
     if cfg.scan_layers:
       x_BLD, new_layers = self.layers(x_BLD, positions_BL, None,
-                                      {**consts, "cache": cache["layers"]})
+                                      {**consts, "cache": cache["layers"]}, None)
       new_cache = {"layers": new_layers}
     else:
       new_cache = {}

@@ -1,0 +1,40 @@
+"""The train-throughput benchmark's smallest row runs end to end and writes its JSON and markdown
+(no timing assertions: the numbers depend on the machine)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("train_throughput",
+                                                ROOT / "benchmarks" / "train_throughput.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_smoke_grid_writes_json_and_markdown(tmp_path):
+  bench = _load()
+  out, doc = tmp_path / "t.json", tmp_path / "perf.md"
+  doc.write_text("# Performance\n\nkept text\n")
+  report = bench.main(["--grid", "smoke", "--steps", "1", "--repeats", "1", "--json_out",
+                       str(out), "--markdown", "--doc", str(doc)])
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == json.loads(json.dumps(report["rows"]))
+  (row,) = saved["rows"]
+  assert "error" not in row, row.get("error")
+  assert row["model"] == "cpu-tiny" and row["tokens_per_step"] == 2 * 64
+  for key in ("tokens_per_s", "step_s", "mfu", "compile_s", "peak_memory_bytes",
+              "model_flops_per_step"):
+    assert row[key] > 0, key
+  assert row["final_loss"] == row["final_loss"]  # finite, not NaN
+  text = doc.read_text()
+  assert "kept text" in text and "cpu-tiny" in text
+  bench.main(["--grid", "smoke", "--steps", "1", "--repeats", "1", "--json_out", str(out),
+              "--markdown", "--doc", str(doc)])
+  assert doc.read_text().count("BEGIN train_throughput smoke") == 1  # replaced, not appended
