@@ -35,6 +35,7 @@ def test_smoke_grid_writes_json_and_markdown(tmp_path):
   assert row["final_loss"] == row["final_loss"]  # finite, not NaN
   text = doc.read_text()
   assert "kept text" in text and "cpu-tiny" in text
-  bench.main(["--grid", "smoke", "--steps", "1", "--repeats", "1", "--json_out", str(out),
-              "--markdown", "--doc", str(doc)])
-  assert doc.read_text().count("BEGIN train_throughput smoke") == 1  # replaced, not appended
+  bench.write_markdown(str(doc), "smoke", "new table")
+  text = doc.read_text()
+  assert text.count("BEGIN train_throughput smoke") == 1  # replaced, not appended
+  assert "new table" in text and "cpu-tiny" not in text and "kept text" in text
