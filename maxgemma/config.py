@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
       sources="",  # "GLOB[:WEIGHT],GLOB[:WEIGHT]": prepared ArrayRecord shards ("" = demo corpus)
       eval_sources="",
       tokenizer="",  # SentencePiece model path ("" = the packaged demo tokenizer)
+      cache_dir="",  # local copies of gs:// shards ("" = $MAXGEMMA_CACHE or ~/.cache/maxgemma)
       shuffle=True,
       packing=True,
       packing_method="best_fit",  # best_fit | first_fit (grain packers)

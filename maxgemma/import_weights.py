@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from maxgemma import storage
 from maxgemma.convert import gemma as gemma_fmt
 from maxgemma.convert import gguf as gguf_fmt
 from maxgemma.convert import hf
@@ -188,15 +189,18 @@ def import_weights(fmt: str, path: str, workdir: str, *, preset: str = "", token
     if tok.vocab_size > cfg.vocab_size:
       raise ValueError(f"the tokenizer has {tok.vocab_size} pieces, more than the model's "
                        f"{cfg.vocab_size} embedding rows")
-  existing = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(existing) and any(n.isdigit() for n in os.listdir(existing)):
+  existing = storage.path(workdir) / "checkpoints"
+  if existing.is_dir() and any(p.name.isdigit() for p in existing.iterdir()):
     raise FileExistsError(f"{existing} already holds checkpoints; import into a new --workdir")
   params = scanned_tree(source, cfg)
-  os.makedirs(workdir, exist_ok=True)
   if proto is not None:
-    with atomic_output(os.path.join(workdir, "tokenizer.model"), directory=False,
-                       overwrite=True) as tmp, open(tmp, "wb") as f:
-      f.write(proto)
+    tokenizer_file = storage.join(workdir, "tokenizer.model")
+    if storage.is_remote(workdir):
+      storage.path(tokenizer_file).write_bytes(proto)  # one upload: whole or absent
+    else:
+      with atomic_output(tokenizer_file, directory=False, overwrite=True) as tmp, \
+          open(tmp, "wb") as f:
+        f.write(proto)
   save_params_checkpoint(workdir, step, params, cfg, {"import_weights": {
       "format": fmt, "path": os.path.abspath(path)}})
   return cfg
@@ -216,7 +220,7 @@ def save_params_checkpoint(workdir: str, step: int, params: dict, cfg: ModelConf
   from maxgemma.checkpoint import CHECKPOINT_DIR, model_config_to_dict  # noqa: PLC0415
 
   manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+      storage.join(storage.absolute(workdir), CHECKPOINT_DIR),
       options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
       item_handlers={"params": ocp.PyTreeCheckpointHandler(use_compression=False),
                      "meta": ocp.JsonCheckpointHandler()})

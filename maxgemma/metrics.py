@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -18,6 +20,8 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from maxgemma import storage
 
 # Peak dense bf16 FLOP/s per device (chip), from the vendors' data sheets.
 PEAK_FLOPS: dict[str, float] = {
@@ -162,29 +166,65 @@ def _format(value: Any) -> str:
   return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+class _ObjectLog:
+  """An append-only text log kept as one Cloud Storage object.
+
+  Objects cannot be appended to: the log holds the object's text (read back on a resumed run) and
+  `flush` uploads it whole, which replaces the object atomically.
+  """
+
+  def __init__(self, url: str):
+    self._path = storage.path(url)
+    self._chunks = [self._path.read_text()] if self._path.exists() else []
+    self._dirty = False
+
+  def write(self, text: str) -> None:
+    self._chunks.append(text)
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      self._path.write_text("".join(self._chunks))
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
 class MetricsWriter:
   """Writes each step's scalars to the console, TensorBoard and `workdir/metrics.jsonl`.
 
   TensorBoard event files go under `workdir/tensorboard`; the JSON Lines file holds one object
-  per `write` (`{"step": ..., name: value}`, non-finite values as NaN/Infinity) and is flushed every
-  time. Only process 0 writes, unless `all_processes`.
+  per `write` (`{"step": ..., name: value}`, non-finite values as NaN/Infinity). Local files are
+  flushed at every write; in a `gs://` workdir both are uploaded at most every `remote_flush_s`
+  seconds and on `close`. Only process 0 writes, unless `all_processes`.
   """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, console: bool = True,
-               jsonl: bool = True, all_processes: bool = False, stream: TextIO | None = None):
+               jsonl: bool = True, all_processes: bool = False, stream: TextIO | None = None,
+               remote_flush_s: float = 30.0):
     self.active = all_processes or jax.process_index() == 0
     self._console = console
     self._stream = stream
     self._tb = None
-    self._jsonl = None
+    self._jsonl: Any = None
+    remote = storage.is_remote(workdir)
+    self._flush_every = remote_flush_s if remote else 0.0
+    self._flushed = time.monotonic()
+    self._tb_dir = storage.join(workdir, "tensorboard")
+    self._tb_staging = None  # remote: event files are written here, then uploaded
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
+    if not remote:
+      os.makedirs(workdir, exist_ok=True)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      if remote:
+        self._tb_staging = tempfile.mkdtemp(prefix="maxgemma-tensorboard-")
+      self._tb = SummaryWriter(logdir=self._tb_staging or self._tb_dir)
     if jsonl:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      log = storage.join(workdir, "metrics.jsonl")
+      self._jsonl = _ObjectLog(log) if storage.is_remote(log) else open(log, "a")  # noqa: SIM115
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes one step's metrics (nested dicts of scalars or one-element arrays)."""
@@ -198,16 +238,29 @@ class MetricsWriter:
     if self._tb is not None:
       for name, value in values.items():
         self._tb.add_scalar(name, float(value), global_step=step)
-      self._tb.flush()
     if self._jsonl is not None:
       self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-      self._jsonl.flush()
+    if time.monotonic() - self._flushed >= self._flush_every:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes out everything written so far."""
+    for f in (self._tb, self._jsonl):
+      if f is not None:
+        f.flush()
+    if self._tb_staging is not None:
+      storage.upload_tree(self._tb_staging, self._tb_dir)
+    self._flushed = time.monotonic()
 
   def close(self) -> None:
     """Flushes and closes the files."""
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._tb_staging is not None:
+      storage.upload_tree(self._tb_staging, self._tb_dir)
+      shutil.rmtree(self._tb_staging, ignore_errors=True)
+      self._tb_staging = None
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from maxgemma import storage
 from maxgemma.model.config import ModelConfig
 
 Key = tuple[str, ...]
@@ -27,13 +28,12 @@ class OrbaxArrays:
   """The arrays of one orbax PyTree checkpoint directory, read lazily with tensorstore."""
 
   def __init__(self, directory: str):
-    self.directory = os.path.abspath(directory)
-    meta_path = os.path.join(self.directory, "_METADATA")
-    if not os.path.isfile(meta_path):
+    self.directory = storage.absolute(directory)
+    meta_path = storage.path(self.directory) / "_METADATA"
+    if not meta_path.is_file():
       raise FileNotFoundError(f"{self.directory} is not an orbax checkpoint (no _METADATA); pass "
                               "the directory orbax wrote (it holds _METADATA and manifest.ocdbt)")
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = json.loads(meta_path.read_text())
     self.use_ocdbt = bool(meta.get("use_ocdbt", True))
     self.use_zarr3 = bool(meta.get("use_zarr3", False))
     self.keys: list[Key] = [tuple(str(k["key"]) for k in v["key_metadata"])
@@ -43,10 +43,8 @@ class OrbaxArrays:
   def _store(self, key: Key):
     if key not in self._open:
       name = ".".join(key)
-      if self.use_ocdbt:
-        kv = {"driver": "ocdbt", "base": f"file://{self.directory}/", "path": name}
-      else:
-        kv = {"driver": "file", "path": os.path.join(self.directory, name)}
+      base = storage.tensorstore_url(self.directory)
+      kv = {"driver": "ocdbt", "base": base, "path": name} if self.use_ocdbt else base + name
       spec = {"driver": "zarr3" if self.use_zarr3 else "zarr", "kvstore": kv}
       try:
         self._open[key] = ts.open(spec, read=True).result()
@@ -97,7 +95,7 @@ class WorkdirReader:
     ckpt.close()
     self.workdir = workdir
     self.config: ModelConfig = model_config_from_dict(self.meta["model"])
-    self.arrays = OrbaxArrays(os.path.join(workdir, "checkpoints", str(self.step), "params"))
+    self.arrays = OrbaxArrays(storage.join(workdir, "checkpoints", str(self.step), "params"))
     self.scanned = any(k[0] == "layers" for k in self.arrays.keys)
 
   def globals(self) -> dict:
@@ -130,8 +128,8 @@ def resolve_tokenizer(workdir: str, override: str = "", meta: dict | None = None
   "" (the packaged demo tokenizer)."""
   if override:
     return override
-  local = os.path.join(workdir, "tokenizer.model")
-  if os.path.isfile(local):
+  local = storage.join(workdir, "tokenizer.model")
+  if storage.path(local).is_file():
     return local
   if meta is None:
     try:

@@ -275,7 +275,8 @@ def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: i
   # eval_sources "" means the eval split of the training sources.
   want = "train" if train or data_cfg.eval_sources else "eval"
   fingerprint = load_tokenizer(data_cfg.tokenizer).fingerprint
-  sources = resolve_all(spec, want, setting=setting, fingerprint=fingerprint)
+  sources = resolve_all(spec, want, setting=setting, fingerprint=fingerprint,
+                        cache=data_cfg.get("cache_dir", ""))
   rows = [_rows(s, i, data_cfg, seq_len=seq_len, seed=seed, train=train,
                 process_index=process_index, process_count=process_count)
           for i, s in enumerate(sources)]

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from maxgemma import storage
 from maxgemma.data import records
 from maxgemma.data.readers import BadInputError, BadRecordError, Unit, plan_units, read_unit
 from maxgemma.data.tokenizer import Tokenizer, load_tokenizer
@@ -153,7 +154,7 @@ def _run_unit(task: tuple[int, int, Unit, str, dict]) -> dict:
     os.replace(tmp[s], final)
     shards.append({"file": names[s], "split": s, "documents": counts[s][0],
                    "tokens": counts[s][1], "bytes": os.path.getsize(final),
-                   "sha256": records.file_sha256(final)})
+                   "sha256": storage.sha256_of(final)})
   done = {"unit": index, "input": unit.path, "first_line": unit.first_line, "shards": shards,
           "skipped": stats["skipped"], "empty": stats["empty"],
           "skipped_examples": stats["examples"]}

@@ -7,12 +7,13 @@ as complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
 
 import numpy as np
+
+from maxgemma import storage
 
 FORMAT = "maxgemma.prepared/v1"
 MANIFEST = "manifest.json"
@@ -45,14 +46,6 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes JSON to a temporary name, then renames: readers never see half a file."""
   tmp = f"{path}.tmp.{os.getpid()}"
@@ -65,14 +58,13 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def read_manifest(directory: str) -> dict:
   """The manifest of a prepared directory, or a clear error saying why it is not usable."""
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  path = storage.path(directory) / MANIFEST
+  if not path.is_file():
     hint = (" (an interrupted prepare: re-run the same command to finish it)"
-            if os.path.isdir(os.path.join(directory, ".progress")) else "")
+            if (storage.path(directory) / ".progress").is_dir() else "")
     raise FileNotFoundError(f"{directory!r} has no {MANIFEST}: not a complete prepared dataset"
                             f"{hint}. Create one with `python -m maxgemma.data.prepare`.")
-  with open(path) as f:
-    manifest = json.load(f)
+  manifest = json.loads(path.read_text())
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
   return manifest
@@ -87,6 +79,6 @@ def verify(directory: str, *, checksums: bool = True) -> dict:
       raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
     if os.path.getsize(path) != shard["bytes"]:
       raise ValueError(f"{path}: {os.path.getsize(path)} bytes, manifest says {shard['bytes']}")
-    if checksums and file_sha256(path) != shard["sha256"]:
+    if checksums and storage.sha256_of(path) != shard["sha256"]:
       raise ValueError(f"{path}: sha256 does not match the manifest (corrupt or replaced)")
   return manifest

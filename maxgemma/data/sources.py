@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import os
 
+from maxgemma import storage
 from maxgemma.data import records
 
 
@@ -53,14 +54,33 @@ def _shards_of(directory: str, split: str) -> tuple[dict, list[str]]:
   return manifest, paths
 
 
-def resolve(pattern: str, weight: float, split: str, *, setting: str) -> Source:
-  """The shards a source names: a prepared directory (its `split` shards) or a shard glob."""
+def _glob(pattern: str, setting: str) -> list[str]:
+  """Files matching a local glob, or a `gs://` glob whose wildcards are in the last component."""
+  if not storage.is_remote(pattern):
+    return sorted(glob.glob(os.path.expanduser(pattern)))
+  parent, _, name = pattern.rpartition("/")
+  if glob.has_magic(parent):
+    raise ValueError(f"{setting}: {pattern!r}: in a gs:// source only the file name may hold "
+                     "wildcards (gs://BUCKET/DIR/*.array_record)")
+  return sorted(str(p) for p in storage.path(parent).glob(name))
+
+
+def _local_copies(paths: list[str], by_dir: dict, cache: str) -> list[str]:
+  """`paths`, with every remote shard replaced by its verified copy in the local cache."""
+  shards = {os.path.join(d, s["file"]): s for d, (m, _) in by_dir.items() for s in m["shards"]}
+  return [storage.cached_copy(p, size=shards[p]["bytes"], sha256=shards[p]["sha256"], cache=cache)
+          if storage.is_remote(p) else p for p in paths]
+
+
+def resolve(pattern: str, weight: float, split: str, *, setting: str, cache: str = "") -> Source:
+  """The shards a source names: a prepared directory (its `split` shards) or a shard glob.
+
+  Sources in Cloud Storage are copied (once, verified) into the local cache `cache`."""
   pattern = pattern or demo_dir()
-  if os.path.isdir(pattern):
+  if storage.path(pattern).is_dir():
     by_dir = {pattern: _shards_of(pattern, split)}
   else:
-    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern))
-                     if m.endswith(".array_record"))
+    matches = [m for m in _glob(pattern, setting) if m.endswith(".array_record")]
     if not matches:
       raise ValueError(f"{setting}: {pattern!r} matched no prepared .array_record shards nor a "
                        "prepared directory; run `python -m maxgemma.data.prepare` first")
@@ -90,17 +110,20 @@ def resolve(pattern: str, weight: float, split: str, *, setting: str) -> Source:
   counts = {os.path.join(d, s["file"]): s["documents"]
             for d, (m, _) in by_dir.items() for s in m["shards"]}
   docs = sum(counts[p] for p in paths)
-  return Source(spec=pattern, weight=weight, paths=tuple(paths), kind=manifests[0]["kind"],
+  return Source(spec=pattern, weight=weight,
+                paths=tuple(_local_copies(paths, by_dir, storage.cache_dir(cache))),
+                kind=manifests[0]["kind"],
                 token_dtype=manifests[0]["token_dtype"],
                 tokenizer_fingerprint=manifests[0]["tokenizer"]["fingerprint"],
                 manifests=tuple(os.path.join(d, records.MANIFEST) for d in by_dir),
                 documents=docs)
 
 
-def resolve_all(spec: str, split: str, *, setting: str, fingerprint: str | None) -> list[Source]:
+def resolve_all(spec: str, split: str, *, setting: str, fingerprint: str | None,
+                cache: str = "") -> list[Source]:
   """Every source of `spec` ("" = the demo corpus), checked against the tokenizer fingerprint."""
   items = parse_sources(spec) or [("", 1.0)]
-  sources = [resolve(p, w, split, setting=setting) for p, w in items]
+  sources = [resolve(p, w, split, setting=setting, cache=cache) for p, w in items]
   for s in sources:
     if fingerprint is not None and s.tokenizer_fingerprint != fingerprint:
       raise ValueError(

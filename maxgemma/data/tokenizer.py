@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
+from maxgemma import storage
 from maxgemma.data.chat import END_OF_TURN, START_OF_TURN, chat_template
 
 __all__ = ["Tokenizer", "chat_template", "demo_tokenizer_path", "gemma_special_pieces", "load",
@@ -96,8 +97,7 @@ class Tokenizer:
     return chat_template(messages, add_generation_prompt=add_generation_prompt)
 
   def save(self, path: str) -> None:
-    with open(path, "wb") as f:
-      f.write(self._proto)
+    storage.path(path).write_bytes(self._proto)
 
   def __repr__(self) -> str:
     return f"Tokenizer(path={self.path!r}, vocab_size={self.vocab_size}, fp={self.fingerprint})"
@@ -105,10 +105,10 @@ class Tokenizer:
 
 def load(path: str) -> Tokenizer:
   """Loads a SentencePiece `.model` file; raises a clear error when it is missing or invalid."""
-  if not os.path.isfile(path):
+  file = storage.path(path)
+  if not file.is_file():
     raise FileNotFoundError(f"tokenizer {path!r} does not exist: pass a SentencePiece .model file")
-  with open(path, "rb") as f:
-    proto = f.read()
+  proto = file.read_bytes()
   try:
     return Tokenizer(proto, path)
   except Exception as e:  # sentencepiece raises RuntimeError/OSError with little context

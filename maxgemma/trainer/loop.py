@@ -8,8 +8,9 @@ newest complete checkpoint in its workdir, on any mesh.
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import ml_collections
 from absl import logging
 
 from maxgemma import config as config_lib
-from maxgemma import distributed, metrics, optim, sharding
+from maxgemma import distributed, metrics, optim, sharding, storage
 from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
@@ -105,15 +106,28 @@ def _evaluate(cfg, eval_step, params, mesh) -> float:
   return nll / max(weight, 1.0)
 
 
+def _start_trace(workdir: str) -> str:
+  """Starts a profiler trace into `workdir/profile` (a local directory first when remote)."""
+  trace_dir = tempfile.mkdtemp(prefix="maxgemma-profile-") if storage.is_remote(workdir) \
+      else storage.join(workdir, "profile")
+  jax.profiler.start_trace(trace_dir)
+  return trace_dir
+
+
+def _stop_trace(trace_dir: str, workdir: str) -> None:
+  jax.profiler.stop_trace()
+  if storage.is_remote(workdir):
+    storage.upload_tree(trace_dir, storage.join(workdir, "profile"))
+    shutil.rmtree(trace_dir, ignore_errors=True)
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to `cfg.train.steps`, resuming from `workdir`; returns the last logged metrics."""
   distributed.initialize(cfg.distributed)
   config_lib.check_keys(cfg)
   model_cfg = config_lib.model_config(cfg)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   logging.info("%s", distributed.process_summary())
   logging.info("config:\n%s", cfg)
 
@@ -165,12 +179,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with step_lib.rules_scope(mesh, cfg.mesh):
       for step in range(start, total):
         if profile and step == profile[0]:
-          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          trace_dir = _start_trace(workdir)
         batch = sharding.global_batch(next(data_iter), mesh)
         state, step_metrics = train_step(state, batch)
         buffer.push(step + 1, step_metrics)
         if profile and step + 1 == profile[1]:
-          jax.profiler.stop_trace()
+          _stop_trace(trace_dir, workdir)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
           writer.write(done, {"eval_loss": _evaluate(cfg, eval_step, state["params"], mesh)})
@@ -188,6 +202,5 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "last_metrics.json"), "w") as f:
-      json.dump(last, f)
+    storage.write_text(storage.join(workdir, "last_metrics.json"), json.dumps(last))
   return last

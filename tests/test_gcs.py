@@ -1,0 +1,139 @@
+"""`gs://` workdirs, datasets and tokenizers, against a local GCS server (tests/gcs_utils.py).
+
+The end-to-end test trains with everything in the bucket, resumes there, and must give exactly the
+losses of the same run kept on local disk; then exports from the bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from maxgemma import metrics, storage
+from maxgemma.data import sources
+from tests import gcs_utils
+from tests.train_utils import ROOT, env, losses_by_step, run_train
+
+B = f"gs://{gcs_utils.BUCKET}"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  with gcs_utils.emulator() as e:
+    yield e
+
+
+def test_storage_paths_and_text(gcs, tmp_path):
+  storage.write_text(f"{B}/t/a.json", '{"x": 1}')
+  storage.write_text(str(tmp_path / "d" / "a.json"), '{"x": 2}')
+  assert json.loads(storage.path(f"{B}/t/a.json").read_text()) == {"x": 1}
+  assert json.loads((tmp_path / "d" / "a.json").read_text()) == {"x": 2}
+  assert storage.join(B, "t", "a.json") == f"{B}/t/a.json"
+  assert storage.tensorstore_url(f"{B}/t") == f"{B}/t/"
+  assert storage.tensorstore_url(str(tmp_path)) == f"file://{tmp_path}/"
+  local = tmp_path / "tree"
+  (local / "sub").mkdir(parents=True)
+  (local / "sub" / "f.bin").write_bytes(b"\x00\x01")
+  storage.upload_tree(str(local), f"{B}/tree")
+  assert storage.path(f"{B}/tree/sub/f.bin").read_bytes() == b"\x00\x01"
+
+
+def test_cached_copy_verifies_and_never_keeps_a_bad_file(gcs, tmp_path):
+  data = os.urandom(1000)
+  storage.path(f"{B}/c/shard").write_bytes(data)
+  sha = hashlib.sha256(data).hexdigest()
+  cache = str(tmp_path / "cache")
+  local = storage.cached_copy(f"{B}/c/shard", size=1000, sha256=sha, cache=cache)
+  assert open(local, "rb").read() == data
+  storage.path(f"{B}/c/shard").write_bytes(data[:-1] + b"x")  # replaced behind the manifest
+  os.remove(local)
+  with pytest.raises(ValueError, match="do not match the manifest"):
+    storage.cached_copy(f"{B}/c/shard", size=1000, sha256=sha, cache=cache)
+  left = [f for _, _, fs in os.walk(cache) for f in fs]
+  assert left == []  # neither the bad copy nor a temporary survives
+
+
+def test_bucket_sources_are_cached_and_globbed(gcs, tmp_path):
+  storage.upload_tree(sources.demo_dir(), f"{B}/demo")
+  by_dir = sources.resolve(f"{B}/demo", 1.0, "train", setting="s", cache=str(tmp_path))
+  by_glob = sources.resolve(f"{B}/demo/train-*.array_record", 1.0, "train", setting="s",
+                            cache=str(tmp_path))
+  local = sources.resolve("", 1.0, "train", setting="s")
+  assert by_dir.documents == by_glob.documents == local.documents
+  assert by_dir.paths == by_glob.paths
+  for cached, original in zip(by_dir.paths, local.paths, strict=True):
+    assert cached.startswith(str(tmp_path))
+    assert open(cached, "rb").read() == open(original, "rb").read()
+  with pytest.raises(ValueError, match="only the file name may hold wildcards"):
+    sources.resolve(f"{B}/de*/train-*.array_record", 1.0, "train", setting="s")
+
+
+def test_metrics_log_in_a_bucket_appends_across_runs(gcs):
+  workdir = f"{B}/metrics-run"
+  for steps in ((1, 2), (3,)):
+    time.sleep(1.1)  # event files are named after the second they were opened in
+    with metrics.MetricsWriter(workdir, console=False, remote_flush_s=3600) as w:
+      for s in steps:
+        w.write(s, {"loss": float(s)})
+      # Nothing is uploaded before the flush interval: one upload per interval, not per step.
+      log = storage.path(f"{workdir}/metrics.jsonl")
+      assert not log.exists() or len(log.read_text().splitlines()) < 3
+  lines = storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+  events = list(storage.path(f"{workdir}/tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 2 and all(e.stat().length > 0 for e in events)
+
+
+@pytest.mark.slow
+def test_train_resume_and_export_from_a_bucket(gcs, tmp_path):
+  """Data, tokenizer and workdir in the bucket; resume there; same losses as on local disk."""
+  storage.upload_tree(sources.demo_dir(), f"{B}/data")
+  common = ["--config.train.steps=4", "--config.checkpoint.every=2", "--config.metrics.log_every=1",
+            "--config.optim.decay_steps=6"]  # one schedule for the 4-step run and its resumption
+  bucket_data = [f"--config.data.sources={B}/data",
+                 f"--config.data.tokenizer={B}/data/tokenizer.model"]
+  os.environ["MAXGEMMA_CACHE"] = str(tmp_path / "cache")
+  try:
+    workdir = f"{B}/runs/tiny"
+    first = run_train(workdir, *common, *bucket_data)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = storage.path(f"{workdir}/checkpoints")
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4]
+    second = run_train(workdir, *common[1:], "--config.train.steps=6", *bucket_data)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {workdir}/checkpoints/4 at step 4" in second.stderr
+  finally:
+    del os.environ["MAXGEMMA_CACHE"]
+  assert os.listdir(tmp_path / "cache" / "remote" / "gs" / gcs_utils.BUCKET / "data")
+
+  local = str(tmp_path / "local")
+  ref = run_train(local, *common[1:], "--config.train.steps=6")
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  text = storage.path(f"{workdir}/metrics.jsonl").read_text()
+  remote = {}
+  for line in text.splitlines():
+    record = json.loads(line)
+    if "loss" in record:
+      remote.setdefault(record["step"], []).append(record["loss"])
+  expected = losses_by_step(local)
+  assert sorted(remote) == sorted(expected) == list(range(1, 7))
+  np.testing.assert_allclose([remote[s][-1] for s in range(1, 7)],
+                             [expected[s][-1] for s in range(1, 7)], rtol=1e-6)
+  assert json.loads(storage.path(f"{workdir}/last_metrics.json").read_text())["step"] == 6
+  assert storage.path(f"{workdir}/config.json").is_file()
+
+  out = tmp_path / "hf"
+  export = subprocess.run([sys.executable, "-m", "maxgemma.export", f"--workdir={workdir}",
+                           "--format=hf", f"--out={out}"], env=env(1), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert export.returncode == 0, export.stderr[-3000:]
+  assert (out / "model.safetensors").is_file() or list(out.glob("*.safetensors"))
+  assert (out / "tokenizer.model").read_bytes() == \
+      open(os.path.join(sources.demo_dir(), "tokenizer.model"), "rb").read()
