@@ -106,3 +106,15 @@ def cached_copy(url: str, *, size: int, sha256: str, cache: str) -> str:
     if os.path.exists(tmp):
       os.remove(tmp)
   return local
+
+
+def check_bucket(url: str, setting: str) -> None:
+  """Raises a one-line error naming `setting` when the bucket of a URL does not exist."""
+  if not is_remote(url):
+    return
+  scheme, _, rest = url.partition("://")
+  bucket = f"{scheme}://{rest.split('/')[0]}"
+  if not path(bucket).exists():
+    raise FileNotFoundError(f"{setting}={url}: bucket {bucket} does not exist or these credentials "
+                            f"cannot read it; create it (gcloud storage buckets create {bucket} "
+                            "--location=REGION) or fix the path")

@@ -1,7 +1,7 @@
 """`gs://` workdirs, datasets and tokenizers, against a local GCS server (tests/gcs_utils.py).
 
 The end-to-end test trains with everything in the bucket, resumes there, and must give exactly the
-losses of the same run kept on local disk; then exports from the bucket.
+losses of the same run kept on local disk; then exports and samples from the bucket.
 """
 
 from __future__ import annotations
@@ -137,3 +137,16 @@ def test_train_resume_and_export_from_a_bucket(gcs, tmp_path):
   assert (out / "model.safetensors").is_file() or list(out.glob("*.safetensors"))
   assert (out / "tokenizer.model").read_bytes() == \
       open(os.path.join(sources.demo_dir(), "tokenizer.model"), "rb").read()
+  sample = subprocess.run([sys.executable, "-m", "maxgemma.sample", f"--workdir={workdir}",
+                           "--prompt=Once upon a time", "--max_new_tokens=4"], env=env(1),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  assert "Once upon a time" in sample.stdout
+
+
+def test_a_missing_bucket_is_one_clear_line(gcs, tmp_path):
+  run = run_train("gs://no-such-bucket/runs/x", "--config.train.steps=2")
+  assert run.returncode != 0
+  last = run.stderr.strip().splitlines()[-1]
+  assert "--workdir=gs://no-such-bucket/runs/x: bucket gs://no-such-bucket does not exist" in last
+  assert "gcloud storage buckets create gs://no-such-bucket" in last

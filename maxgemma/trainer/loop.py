@@ -126,6 +126,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   distributed.initialize(cfg.distributed)
   config_lib.check_keys(cfg)
   model_cfg = config_lib.model_config(cfg)
+  storage.check_bucket(workdir, "--workdir")
   if jax.process_index() == 0:
     storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   logging.info("%s", distributed.process_summary())
