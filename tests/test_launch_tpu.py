@@ -7,7 +7,6 @@ for real through `bash -c` on a fake worker home holding launch/worker.sh and a 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from launch import tpu
+from tests.fake_gcloud import Fake, as_bash_reads_it
 
 REPO = Path(__file__).resolve().parents[1]
-BASH = shutil.which("bash") or "/bin/bash"
 ZONE, PROJECT = "us-west4-a", "my-proj"
 POD = ["--name=gemma-pod", f"--zone={ZONE}", f"--project={PROJECT}",
        "--accelerator_type=v5litepod-256", "--workdir=gs://my-bucket/runs/2b"]
@@ -30,59 +29,6 @@ PODS16 = ["--name=gemma-7b", f"--zone={ZONE}", f"--project={PROJECT}",
 WHERE = [f"--zone={ZONE}", f"--project={PROJECT}"]
 HOSTILE = ["--config.train.name=my run; rm -rf /", "it's \"quoted\"", "$(touch pwned)",
            "`touch pwned2`", "line1\nline2", "$HOME * ~", "--x=a|b&c>d", "", "-"]
-
-FAKE_GCLOUD = r'''#!{python}
-import fcntl, json, os, sys
-argv = sys.argv[1:]
-log = os.environ["FAKE_GCLOUD_LOG"]
-rules_path = os.environ.get("FAKE_GCLOUD_RULES", "")
-rules = json.load(open(rules_path)) if rules_path else []
-with open(log + ".lock", "a") as lock:
-  fcntl.flock(lock, fcntl.LOCK_EX)
-  with open(log, "a") as f:
-    f.write(json.dumps(argv) + "\n")
-  counts_path = log + ".counts"
-  counts = json.load(open(counts_path)) if os.path.exists(counts_path) else {{}}
-  joined = " ".join(argv)
-  chosen = None
-  for i, rule in enumerate(rules):
-    if all(part in joined for part in rule["match"]):
-      if "times" in rule and counts.get(str(i), 0) >= rule["times"]:
-        continue
-      counts[str(i)] = counts.get(str(i), 0) + 1
-      chosen = rule
-      break
-  json.dump(counts, open(counts_path, "w"))
-if chosen:
-  sys.stdout.write(chosen.get("stdout", ""))
-  sys.stderr.write(chosen.get("stderr", ""))
-  sys.exit(chosen.get("rc", 0))
-'''
-
-
-class Fake:
-  """A fake gcloud first on PATH: `rules` pick canned output; `calls()` returns recorded argv."""
-
-  def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch):
-    self.bin = tmp / "bin"
-    self.bin.mkdir()
-    gcloud = self.bin / "gcloud"
-    gcloud.write_text(FAKE_GCLOUD.format(python=sys.executable))
-    gcloud.chmod(0o755)
-    self.log, self.rules_path = tmp / "calls.jsonl", tmp / "rules.json"
-    monkeypatch.setenv("PATH", f"{self.bin}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(self.log))
-    monkeypatch.setenv("FAKE_GCLOUD_RULES", str(self.rules_path))
-    self.rules([])
-
-  def rules(self, rules: list[dict]) -> None:
-    self.rules_path.write_text(json.dumps(rules))
-
-  def calls(self) -> list[list[str]]:
-    if not self.log.exists():
-      return []
-    return [["gcloud", *json.loads(line)] for line in self.log.read_text().splitlines()]
-
 
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
@@ -377,13 +323,6 @@ def test_status_logs_stop_commands(fake, capsys):
 
 # ---------------------------------------------------------------------------- dry run, settings
 
-def as_bash_reads_it(line: str) -> list[str]:
-  """The argv bash passes to gcloud for one printed line (so copy-paste is exact)."""
-  script = "gcloud() { printf '%s\\0' gcloud \"$@\"; }; " + line
-  res = subprocess.run([BASH, "-c", script], capture_output=True, check=True)
-  return res.stdout.decode().split("\0")[:-1]
-
-
 def test_dry_run_prints_the_commands_and_runs_nothing(fake, capsys, monkeypatch, tmp_path):
   fake.rules([{"match": ["worker.sh stream"], "rc": 0}])
   assert run_main(["run", *PODS16, "--", *HOSTILE], capsys)[0] == 0
@@ -478,32 +417,6 @@ def test_restart_needs_a_bucket_workdir(fake, capsys):
 def test_trainer_args_only_for_run(fake, capsys):
   rc, _, err = run_main(["create", *POD, "--", "--x=1"], capsys)
   assert rc == 2 and "only `run` takes them" in err
-
-
-def test_docs_show_what_dry_run_prints(capsys, tmp_path, monkeypatch):
-  """docs/tpu.md: its settings files, run through --dry_run, print exactly its command lines."""
-  monkeypatch.setenv("PATH", str(tmp_path))  # no gcloud needed for a dry run
-  doc = (REPO / "docs" / "tpu.md").read_text()
-  blocks = [b.split("```")[0] for b in doc.split("```toml\n")[1:]]
-  printed: dict[str, list[str]] = {}
-  for block in blocks:
-    name = block.splitlines()[0].removeprefix("# ")
-    (tmp_path / name).write_text(block)
-    lines = []
-    run_extra = ["--restart_on_preemption", "--", "--config.train.steps=20000"]
-    for cmd in ("create", "run", "status", "logs", "stop", "delete"):
-      extra = run_extra if cmd == "run" else []
-      rc, out, err = run_main([cmd, f"--settings={tmp_path / name}", "--dry_run", *extra], capsys)
-      assert rc == 0, err
-      lines += out.splitlines()
-    printed[name] = lines
-  assert set(printed) == {"pod.toml", "pods16.toml"}
-  documented = [line for line in doc.splitlines() if line.startswith("gcloud ")]
-  setup = [line for line in documented if " scp " in line or "--command=set -e" in line]
-  assert len(setup) == 2
-  everything = set(printed["pod.toml"]) | set(printed["pods16.toml"])
-  assert [line for line in documented if line not in everything and line not in setup] == []
-  assert [line for line in printed["pod.toml"] if line not in documented] == []
 
 
 def test_no_jax_import_under_launch():
