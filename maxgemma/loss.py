@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from maxgemma.model.layers import einsum
+
 Array = jax.Array
 
 
@@ -59,8 +61,8 @@ def cross_entropy(logits_BLV: Array, targets_BL: Array, weights_BL: Array | None
 def output_logits(hidden_BSD: Array, embedding_VD: Array, final_softcap: float | None,
                   dtype) -> Array:
   """Tied-embedding logits in float32, as `Transformer.logits` computes them."""
-  logits_BSV = jnp.einsum("BSD,VD->BSV", hidden_BSD.astype(dtype), embedding_VD.astype(dtype),
-                          preferred_element_type=jnp.float32)
+  logits_BSV = einsum("BSD,VD->BSV", hidden_BSD.astype(dtype), embedding_VD.astype(dtype),
+                      preferred_element_type=jnp.float32)
   if final_softcap is not None:
     logits_BSV = final_softcap * jnp.tanh(logits_BSV / final_softcap)
   return logits_BSV

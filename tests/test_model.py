@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxgemma.model import flops
+from maxgemma.model import flops, layers
 from maxgemma.model.gemma import Transformer
 from maxgemma.model.params import count_params, stack_layers, unstack_layers
 from maxgemma.model.presets import PRESETS, get_preset
@@ -175,3 +175,21 @@ def test_bad_inputs_get_clear_errors(tokens, kwargs, message):
   with pytest.raises(ValueError, match=message):
     Transformer(cfg).apply({"params": params}, jnp.asarray(tokens),
                            **{k: jnp.asarray(v) for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [
+    ("BLD,DF->BLF", (2, 3, 4), (4, 5)),
+    ("BLD,VD->BLV", (2, 3, 4), (6, 4)),
+    ("BSD,CKDH->CBSKH", (2, 3, 4), (2, 3, 4, 5)),
+    ("BLNH,NHD->BLD", (2, 3, 4, 5), (4, 5, 6)),
+    ("LD,DF->LF", (3, 4), (4, 5)),
+])
+def test_flattened_einsum_equals_einsum_with_gradients(spec, x_shape, w_shape):
+  kx, kw = jax.random.split(jax.random.PRNGKey(0))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  ours = lambda x, w: jnp.sum(jnp.sin(layers.einsum(spec, x, w)))
+  ref = lambda x, w: jnp.sum(jnp.sin(jnp.einsum(spec, x, w)))
+  np.testing.assert_allclose(layers.einsum(spec, x, w), jnp.einsum(spec, x, w), rtol=1e-6,
+                             atol=1e-6)
+  for g, r in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
