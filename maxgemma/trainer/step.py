@@ -62,29 +62,32 @@ def make_train_step(model_cfg: ModelConfig, tx: optax.GradientTransformation,
   """The un-jitted step `(state, batch) -> (state, metrics)`."""
   k = int(cfg.optim.grad_accum_steps)
   z_loss, chunk = float(cfg.optim.z_loss), int(cfg.train.get("loss_chunk", 0))
-  grad_fn = jax.value_and_grad(
-      lambda p, b: loss_sums(model_cfg, p, b, z_loss=z_loss, loss_chunk=chunk), has_aux=True)
+
+  def normalised_loss(p, b, denom):  # the batch's token weight is known before the model runs
+    total, (weight, aux) = loss_sums(model_cfg, p, b, z_loss=z_loss, loss_chunk=chunk)
+    return total / denom, (total, weight, aux)
+
+  grad_fn = jax.grad(normalised_loss, has_aux=True)
 
   def step(state: State, batch: Batch) -> tuple[State, dict]:
     params = state["params"]
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    sums0 = (jnp.zeros(()), jnp.zeros(()), {"nll_sum": jnp.zeros(()),
-                                           "z_loss_sum": jnp.zeros(()), "correct": jnp.zeros(())})
-
-    def accumulate(carry, micro):
-      grads, (total, weight, aux) = carry
-      (mb_total, (mb_weight, mb_aux)), mb_grads = grad_fn(params, micro)
-      grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, mb_grads)
-      return (grads, (total + mb_total, weight + mb_weight,
-                      jax.tree.map(jnp.add, aux, mb_aux))), None
-
+    # Dividing the loss (a scalar) rather than the gradients saves a pass over every gradient.
+    denom = jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
     if k == 1:
-      (grads, (total, weight, aux)), _ = accumulate((zeros, sums0), batch)
+      grads, (total, weight, aux) = grad_fn(params, batch, denom)
     else:
+      def accumulate(carry, micro):
+        grads, (total, weight, aux) = carry
+        mb_grads, (mb_total, mb_weight, mb_aux) = grad_fn(params, micro, denom)
+        grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, mb_grads)
+        return (grads, (total + mb_total, weight + mb_weight,
+                        jax.tree.map(jnp.add, aux, mb_aux))), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      sums0 = (jnp.zeros(()), jnp.zeros(()), {"nll_sum": jnp.zeros(()),
+                                             "z_loss_sum": jnp.zeros(()), "correct": jnp.zeros(())})
       (grads, (total, weight, aux)), _ = jax.lax.scan(accumulate, (zeros, sums0),
                                                        _microbatches(batch, k))
-    denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
