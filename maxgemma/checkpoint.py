@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from maxgemma import storage
 from maxgemma.model.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -71,7 +72,7 @@ class Checkpointer:
                read_only: bool = False):
     ckpt_cfg = ckpt_cfg or ml_collections.ConfigDict(dict(keep_last=3, keep_every=0,
                                                           async_save=True))
-    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.directory = epath.Path(storage.absolute(workdir)) / CHECKPOINT_DIR  # orbax: absolute
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(ckpt_cfg.keep_last) or None,
         keep_period=int(ckpt_cfg.keep_every) or None,
