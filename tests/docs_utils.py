@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import resource
 import shlex
 import shutil
 import subprocess
@@ -316,6 +317,7 @@ class Result:
   returncode: int
   output: str  # stdout and stderr, interleaved
   seconds: float
+  cpu_seconds: float  # user + system time of the command and its children
 
 
 class Session:
@@ -352,7 +354,7 @@ class Session:
     script = self.state / "command.sh"
     script.write_text(f"{command}\n__docs_rc=$?\nenv -0 > {shlex.quote(str(self.state / 'env'))}"
                       f"\npwd > {shlex.quote(str(self.state / 'cwd'))}\nexit $__docs_rc\n")
-    start = time.time()
+    start, usage = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
       proc = subprocess.run(["bash", str(script)], cwd=self.cwd, env=self.env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -368,4 +370,6 @@ class Session:
         self.env.pop(k, None)
       self.cwd = Path((self.state / "cwd").read_text().strip())
       (self.state / "env").unlink()
-    return Result(command, rc, output, time.time() - start)
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = now.ru_utime + now.ru_stime - usage.ru_utime - usage.ru_stime
+    return Result(command, rc, output, time.time() - start, cpu)

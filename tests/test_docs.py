@@ -71,12 +71,8 @@ REWRITES: list[tuple[re.Pattern, str, str]] = [
 # Documented commands that fail because of a bug in the code, reported and not fixed here: the
 # test expects exactly that failure (its message in the output) and fails once the bug is fixed,
 # so that the entry is removed.
-KNOWN_BUGS: list[tuple[re.Pattern, str, str]] = [
-    (re.compile(r"-m maxgemma\.(demo$|sample --workdir=runs/)"),
-     "Checkpoint path should be absolute",
-     "a relative --workdir (runs/...): orbax 0.12.8 refuses relative checkpoint paths, and "
-     "maxgemma.checkpoint.Checkpointer passes them on"),
-]
+# Entries: (regex on the command, message its failure prints, reason).
+KNOWN_BUGS: list[tuple[re.Pattern, str, str]] = []
 
 
 def known_bug(text: str, r: Result) -> str:
@@ -357,7 +353,7 @@ def run_command(s: Session, c: Command) -> str:
   if "gcloud" in s.data:
     s.data["gcloud_calls_before"] = len(s.data["gcloud"].calls())
   r = s.run(text, timeout=TIMEOUT_S)
-  s.data.setdefault("timings", []).append((c.id, r.seconds))
+  s.data.setdefault("timings", []).append((c.id, r.seconds, r.cpu_seconds))
   bug = known_bug(c.text, r)
   if bug:
     return bug
@@ -393,8 +389,8 @@ def test_doc_commands(doc: str, tmp_path):
         bugs.append(f"{c.id}: {bug}")
   finally:
     s.close()
-    for cid, seconds in s.data.get("timings", []):
-      print(f"{seconds:7.1f} s  {cid}")
+    for cid, seconds, cpu in s.data.get("timings", []):
+      print(f"{seconds:7.1f} s ({cpu:6.1f} s CPU)  {cid}")
   if bugs:
     pytest.xfail("known bugs: " + "; ".join(bugs))
 
@@ -418,6 +414,7 @@ def test_demo(tmp_path):
   """What `make demo` runs, in a scratch copy: train, resume, export, sample."""
   s = Session("demo", tmp_path)
   r = s.run("python -m maxgemma.demo", timeout=TIMEOUT_S)
+  print(f"{r.seconds:7.1f} s ({r.cpu_seconds:6.1f} s CPU)  python -m maxgemma.demo")
   bug = known_bug(r.command, r)
   if bug:
     pytest.xfail(f"known bug: {bug}")
