@@ -52,13 +52,15 @@ DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "performance.md")
 # Gemma-shaped models (GeGLU, RMSNorm, MQA/GQA, tied embedding, head_dim a multiple of 64) sized
 # for a 2-core CPU; the Gemma 1 2B preset for one H100. Every field is a `config.model` override.
 MODELS: dict[str, dict[str, Any]] = {
-    "cpu-tiny": dict(preset="tiny_gemma1_mqa", dtype="float32"),  # the smoke test's model
+    "cpu-tiny": dict(preset="tiny_gemma1_mqa", dtype="float32",  # the smoke test's model
+                     flatten_matmuls=True),
     "cpu-small": dict(preset="gemma1_2b", num_layers=4, d_model=512, ffn_dim=2048, num_heads=4,
                       num_kv_heads=1, head_dim=128, vocab_size=8192, max_seq_len=1024,
-                      dtype="float32"),
+                      dtype="float32", flatten_matmuls=True),
     "cpu-mid": dict(preset="gemma2_2b", num_layers=4, d_model=768, ffn_dim=3072, num_heads=6,
                     num_kv_heads=2, head_dim=128, vocab_size=16384, max_seq_len=1024,
-                    sliding_window=256, query_pre_attn_scalar=128, dtype="float32"),
+                    sliding_window=256, query_pre_attn_scalar=128, dtype="float32",
+                    flatten_matmuls=True),
     "gemma-2b": dict(preset="gemma1_2b", dtype="bfloat16"),
 }
 

@@ -59,9 +59,10 @@ def cross_entropy(logits_BLV: Array, targets_BL: Array, weights_BL: Array | None
 
 
 def output_logits(hidden_BSD: Array, embedding_VD: Array, final_softcap: float | None,
-                  dtype) -> Array:
+                  dtype, *, flatten: bool = False) -> Array:
   """Tied-embedding logits in float32, as `Transformer.logits` computes them."""
-  logits_BSV = einsum("BSD,VD->BSV", hidden_BSD.astype(dtype), embedding_VD.astype(dtype),
+  matmul = einsum if flatten else jnp.einsum
+  logits_BSV = matmul("BSD,VD->BSV", hidden_BSD.astype(dtype), embedding_VD.astype(dtype),
                       preferred_element_type=jnp.float32)
   if final_softcap is not None:
     logits_BSV = final_softcap * jnp.tanh(logits_BSV / final_softcap)
@@ -71,7 +72,8 @@ def output_logits(hidden_BSD: Array, embedding_VD: Array, final_softcap: float |
 def chunked_cross_entropy(hidden_BLD: Array, embedding_VD: Array, targets_BL: Array,
                           weights_BL: Array | None, *, chunk_size: int,
                           final_softcap: float | None = None, z_loss: float = 0.0,
-                          dtype=jnp.bfloat16) -> tuple[Array, Array, dict[str, Array]]:
+                          dtype=jnp.bfloat16, flatten: bool = False
+                          ) -> tuple[Array, Array, dict[str, Array]]:
   """`cross_entropy(hidden @ embedding.T [soft-capped], ...)` without the [B, L, V] logits.
 
   The sequence is cut into chunks of `chunk_size` positions (the batch axis stays whole, so its
@@ -104,7 +106,7 @@ def chunked_cross_entropy(hidden_BLD: Array, embedding_VD: Array, targets_BL: Ar
   @jax.checkpoint
   def chunk(totals, xs):
     hidden_BSD, chunk_targets_BS, chunk_weights_BS = xs
-    logits_BSV = output_logits(hidden_BSD, embedding_VD, final_softcap, dtype)
+    logits_BSV = output_logits(hidden_BSD, embedding_VD, final_softcap, dtype, flatten=flatten)
     loss, weight, aux = cross_entropy(logits_BSV, chunk_targets_BS, chunk_weights_BS, z_loss)
     return jax.tree.map(jnp.add, totals, (loss, weight, aux)), None
 

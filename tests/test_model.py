@@ -193,3 +193,11 @@ def test_flattened_einsum_equals_einsum_with_gradients(spec, x_shape, w_shape):
                              atol=1e-6)
   for g, r in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w), strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_flatten_matmuls_computes_the_same_model():
+  cfg = get_preset("tiny_gemma2", dtype="float32")
+  params = random_params(cfg)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12))
+  ref = run_maxgemma(cfg, params, tokens)
+  assert rel_err(run_maxgemma(cfg.replace(flatten_matmuls=True), params, tokens), ref) < 1e-6

@@ -76,7 +76,7 @@ class Block(nn.Module):
 
     h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_ffw_norm")(x_BLD)
     h_BLD = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.transpose_gating_einsum, dtype=dtype,
-                        param_dtype=pdtype, name="mlp")(h_BLD)
+                        param_dtype=pdtype, flatten=cfg.flatten_matmuls, name="mlp")(h_BLD)
     h_BLD = checkpoint_name(h_BLD, "mlp_out")
     if cfg.use_post_ffw_norm:
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_ffw_norm")(h_BLD)
@@ -112,7 +112,8 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.embedder = Embedder(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype)
+    self.embedder = Embedder(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
+                             flatten=cfg.flatten_matmuls)
     block = _remat(Block, cfg.remat_policy, cfg.scan_layers)
     if cfg.scan_layers:
       self.layers = nn.scan(

@@ -34,8 +34,8 @@ def einsum(spec: str, x: Array, w: Array, **kwargs) -> Array:
   L of "BLD,DF->BLF") become one dimension. Same arithmetic; but XLA:CPU then emits plain 2-D
   matmuls (its backward otherwise contracts over B and L at once through a transposing copy):
   2x faster for the GeGLU block's forward + backward on CPU, 1.4x for a whole cpu-small step.
-  Used for the feed-forward and the output logits; not for the attention projections, where it
-  saved 3% on CPU but cost 0.56 GiB more per chip in the 7B pod program (docs/performance.md).
+  The feed-forward and the output logits use it when `ModelConfig.flatten_matmuls` is set (on TPU
+  it can cost memory: docs/performance.md).
   """
   inputs, out = spec.split("->")
   xs, ws = inputs.split(",")
@@ -90,6 +90,7 @@ class Embedder(nn.Module):
   d_model: int
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
+  flatten: bool = False  # merge B and L for the logits matmul (`einsum`)
 
   def setup(self):
     init = nn.initializers.normal(stddev=self.d_model ** -0.5)
@@ -104,7 +105,8 @@ class Embedder(nn.Module):
   def attend(self, x_BLD: Array) -> Array:
     """Logits x @ E^T, accumulated (and returned) in float32."""
     w_VD = self.input_embedding.astype(self.dtype)
-    return einsum("BLD,VD->BLV", x_BLD, w_VD, preferred_element_type=jnp.float32)
+    return (einsum if self.flatten else jnp.einsum)("BLD,VD->BLV", x_BLD, w_VD,
+                                                    preferred_element_type=jnp.float32)
 
 
 class FeedForward(nn.Module):
@@ -115,10 +117,12 @@ class FeedForward(nn.Module):
   transpose_gating: bool = False  # store gating as [2, F, D] (Gemma 2 9B/27B, Gemma 3)
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
+  flatten: bool = False  # merge B and L for the three matmuls (`einsum`)
 
   @nn.compact
   def __call__(self, x_BLD: Array) -> Array:
     D, F = self.d_model, self.ffn_dim
+    matmul = einsum if self.flatten else jnp.einsum
     if self.transpose_gating:
       gating = param(self, "gating_einsum", dense_init(2, 1, 0), (2, F, D), (None, "mlp", "embed"),
                      self.param_dtype)
@@ -128,9 +132,9 @@ class FeedForward(nn.Module):
                      self.param_dtype)
       spec = "BLD,DF->BLF"
     gating = gating.astype(self.dtype)
-    gate_BLF = einsum(spec, x_BLD, gating[0])
-    up_BLF = einsum(spec, x_BLD, gating[1])
+    gate_BLF = matmul(spec, x_BLD, gating[0])
+    up_BLF = matmul(spec, x_BLD, gating[1])
     h_BLF = nn.gelu(gate_BLF, approximate=True) * up_BLF
     h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
     linear = param(self, "linear", dense_init(0, 1), (F, D), ("mlp", "embed"), self.param_dtype)
-    return einsum("BLF,FD->BLD", h_BLF, linear.astype(self.dtype))
+    return matmul("BLF,FD->BLD", h_BLF, linear.astype(self.dtype))

@@ -37,7 +37,7 @@ def loss_sums(model_cfg: ModelConfig, params: Any, batch: Batch, *, z_loss: floa
     total, weight, aux = loss_lib.chunked_cross_entropy(
         hidden_BLD, params["embedder"]["input_embedding"], batch["targets"],
         batch["loss_weights"], chunk_size=loss_chunk, final_softcap=model_cfg.final_logit_softcap,
-        z_loss=z_loss, dtype=jnp.dtype(model_cfg.dtype))
+        z_loss=z_loss, dtype=jnp.dtype(model_cfg.dtype), flatten=model_cfg.flatten_matmuls)
   else:
     logits_BLV = model.apply({"params": params}, *args)
     total, weight, aux = loss_lib.cross_entropy(logits_BLV, batch["targets"],
