@@ -150,3 +150,29 @@ def test_a_missing_bucket_is_one_clear_line(gcs, tmp_path):
   last = run.stderr.strip().splitlines()[-1]
   assert "--workdir=gs://no-such-bucket/runs/x: bucket gs://no-such-bucket does not exist" in last
   assert "gcloud storage buckets create gs://no-such-bucket" in last
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_to_a_bucket_and_resume(gcs, tmp_path):
+  """The pod case on one machine: launch.local, 2 processes x 4 devices, workdir in the bucket."""
+  workdir = f"{B}/runs/two"
+  for steps in (4, 6):
+    run = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=4",
+         f"--log_dir={tmp_path / str(steps)}", "--",
+         f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+         f"--config.train.steps={steps}", "--config.checkpoint.every=2",
+         "--config.optim.decay_steps=6", "--config.metrics.log_every=1",
+         "--config.data.prefetch=0", "--config.optim.warmup_steps=1"],
+        env={**env(4), "JAX_PLATFORMS": "cpu"}, cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+  for p in (0, 1):  # both processes restored the step-4 checkpoint from the bucket
+    log = (tmp_path / "6" / f"process_{p}.log").read_text()
+    assert f"resumed from {workdir}/checkpoints/4 at step 4" in log
+  ckpts = storage.path(f"{workdir}/checkpoints")
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 6]
+  assert sorted(p.name for p in (ckpts / "6" / "data").glob("process_*.json")) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+  lines = storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # process 0 writes, once
