@@ -56,14 +56,21 @@ def write_text(p: str, text: str) -> None:
   os.replace(tmp, target)
 
 
+def upload_file(local_file: str | os.PathLike, dest: str) -> None:
+  """Copies a local file to `dest` (a local path or a URL), streaming it in blocks."""
+  out = path(dest)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(local_file, "rb") as src, out.open("wb") as dst:
+    for block in iter(lambda: src.read(8 << 20), b""):
+      dst.write(block)
+
+
 def upload_tree(local_dir: str, dest: str) -> None:
   """Copies every file under `local_dir` to the same relative path under `dest`."""
   root = Path(local_dir)
   for f in sorted(root.rglob("*")):
     if f.is_file():
-      out = path(dest) / f.relative_to(root).as_posix()
-      out.parent.mkdir(parents=True, exist_ok=True)
-      out.write_bytes(f.read_bytes())
+      upload_file(f, join(dest, f.relative_to(root).as_posix()))
 
 
 def cache_dir(configured: str = "") -> str:

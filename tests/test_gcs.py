@@ -176,3 +176,22 @@ def test_two_processes_checkpoint_to_a_bucket_and_resume(gcs, tmp_path):
       "process_0-of-2.json", "process_1-of-2.json"]
   lines = storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()
   assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # process 0 writes, once
+
+
+def test_prepare_into_a_bucket(gcs, tmp_path, monkeypatch):
+  """Prepared locally, uploaded with the manifest last; the same shards as a local prepare."""
+  from maxgemma.data import prepare  # noqa: PLC0415
+
+  monkeypatch.setenv("MAXGEMMA_CACHE", str(tmp_path / "cache"))
+  corpus = os.path.join(sources.demo_dir(), "corpus.jsonl")
+  args = ["--input", corpus, "--eval_fraction=0.1", "--workers=1", "--quiet"]
+  assert prepare.main([*args, f"--output={B}/prepared"]) == 0
+  assert prepare.main([*args, f"--output={tmp_path / 'local'}"]) == 0
+  remote = sources.resolve(f"{B}/prepared", 1.0, "train", setting="s", cache=str(tmp_path / "c"))
+  local = sources.resolve(str(tmp_path / "local"), 1.0, "train", setting="s")
+  assert remote.documents == local.documents > 0
+  for r, x in zip(remote.paths, local.paths, strict=True):
+    assert open(r, "rb").read() == open(x, "rb").read()
+  assert prepare.main([*args, f"--output={B}/prepared"]) == 0  # finished: nothing redone
+  monkeypatch.setenv("MAXGEMMA_CACHE", str(tmp_path / "other-machine"))
+  assert prepare.main([*args, f"--output={B}/prepared"]) == 2  # would replace another's dataset

@@ -243,6 +243,11 @@ def prepare(inputs: list[str], tokenizer: str, output: str, *, kind: str = "pret
             workers: int = 0, unit_mb: float = 64.0, skip_bad: bool = False,
             overwrite: bool = False, progress: bool = True) -> dict:
   """Runs (or finishes) a prepare job; returns the manifest. See the module docstring."""
+  if storage.is_remote(output):
+    return _prepare_remote(inputs, tokenizer, output, kind=kind, text_field=text_field,
+                           text_docs=text_docs, eval_fraction=eval_fraction, workers=workers,
+                           unit_mb=unit_mb, skip_bad=skip_bad, overwrite=overwrite,
+                           progress=progress)
   if kind not in ("pretrain", "sft"):
     raise PrepareError(f"--kind={kind!r}: expected pretrain or sft")
   if text_docs not in ("paragraph", "line", "file"):
@@ -338,6 +343,25 @@ def _write_manifest(output: str, plan: dict, count: int, done_path) -> dict:
   return manifest
 
 
+def _prepare_remote(inputs: list[str], tokenizer: str, output: str, **kwargs) -> dict:
+  """`prepare` into a bucket: the job runs in a local staging directory (restartable like any
+  other), then the shards are uploaded and the manifest last, so the remote directory is a
+  dataset only once it is complete."""
+  staging = os.path.join(storage.cache_dir(), "prepare",
+                         hashlib.sha256(output.encode()).hexdigest()[:16])
+  remote_manifest = storage.path(output) / records.MANIFEST
+  if remote_manifest.is_file() and not kwargs.get("overwrite"):
+    if not os.path.isfile(os.path.join(staging, records.MANIFEST)):
+      raise PrepareError(f"{output} already holds a prepared dataset; pass --overwrite to replace "
+                         "it or choose another --output")
+  manifest = prepare(inputs, tokenizer, staging, **kwargs)
+  for shard in manifest["shards"]:
+    storage.upload_file(os.path.join(staging, shard["file"]), storage.join(output, shard["file"]))
+  storage.upload_file(os.path.join(staging, records.MANIFEST),
+                      storage.join(output, records.MANIFEST))
+  return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
   """Command-line entry point; returns the exit status (2 on bad input)."""
   p = argparse.ArgumentParser(prog="python -m maxgemma.data.prepare", description=__doc__,
@@ -345,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--input", action="append", required=True,
                  help="glob(s) of .txt/.md, .jsonl or .parquet files (repeat or comma-separate)")
   p.add_argument("--tokenizer", default="", help="SentencePiece .model ('' = demo tokenizer)")
-  p.add_argument("--output", required=True, help="output directory")
+  p.add_argument("--output", required=True,
+                 help="output directory, local or gs:// (prepared locally, then uploaded)")
   p.add_argument("--kind", default="pretrain", choices=("pretrain", "sft"))
   p.add_argument("--text_field", default="",
                  help="JSONL/Parquet field (default: text; messages for --kind=sft)")
