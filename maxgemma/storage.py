@@ -116,12 +116,23 @@ def cached_copy(url: str, *, size: int, sha256: str, cache: str) -> str:
 
 
 def check_bucket(url: str, setting: str) -> None:
-  """Raises a one-line error naming `setting` when the bucket of a URL does not exist."""
+  """Raises a one-line error naming `setting` when the bucket of a URL does not exist.
+
+  Lists the bucket's top level (object read permission) rather than reading the bucket's own
+  metadata, which a service account with only object roles may not see.
+  """
   if not is_remote(url):
     return
   scheme, _, rest = url.partition("://")
   bucket = f"{scheme}://{rest.split('/')[0]}"
-  if not path(bucket).exists():
-    raise FileNotFoundError(f"{setting}={url}: bucket {bucket} does not exist or these credentials "
-                            f"cannot read it; create it (gcloud storage buckets create {bucket} "
-                            "--location=REGION) or fix the path")
+  try:
+    next(iter(path(bucket).iterdir()), None)
+  except FileNotFoundError:
+    raise FileNotFoundError(
+        f"{setting}={url}: bucket {bucket} does not exist; create it (gcloud storage buckets "
+        f"create {bucket} --location=REGION) or fix the path") from None
+  except Exception as e:  # noqa: BLE001  (gcsfs raises several types for denied access)
+    raise FileNotFoundError(
+        f"{setting}={url}: cannot list bucket {bucket} ({type(e).__name__}: "
+        f"{str(e).splitlines()[0][:200] if str(e) else ''}); check the credentials' access "
+        "(roles/storage.objectAdmin) or the path") from None
