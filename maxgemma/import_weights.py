@@ -33,7 +33,7 @@ from maxgemma.convert import gemma as gemma_fmt
 from maxgemma.convert import gguf as gguf_fmt
 from maxgemma.convert import hf
 from maxgemma.convert.safetensors_io import SafetensorsDir
-from maxgemma.convert.workdir import OrbaxArrays, atomic_output, nest
+from maxgemma.convert.workdir import OrbaxArrays, nest
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.model.presets import get_preset
@@ -194,13 +194,7 @@ def import_weights(fmt: str, path: str, workdir: str, *, preset: str = "", token
     raise FileExistsError(f"{existing} already holds checkpoints; import into a new --workdir")
   params = scanned_tree(source, cfg)
   if proto is not None:
-    tokenizer_file = storage.join(workdir, "tokenizer.model")
-    if storage.is_remote(workdir):
-      storage.path(tokenizer_file).write_bytes(proto)  # one upload: whole or absent
-    else:
-      with atomic_output(tokenizer_file, directory=False, overwrite=True) as tmp, \
-          open(tmp, "wb") as f:
-        f.write(proto)
+    storage.write_bytes(storage.join(workdir, "tokenizer.model"), proto)
   save_params_checkpoint(workdir, step, params, cfg, {"import_weights": {
       "format": fmt, "path": os.path.abspath(path)}})
   return cfg

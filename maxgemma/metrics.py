@@ -224,7 +224,7 @@ class MetricsWriter:
       self._tb = SummaryWriter(logdir=self._tb_staging or self._tb_dir)
     if jsonl:
       log = storage.join(workdir, "metrics.jsonl")
-      self._jsonl = _ObjectLog(log) if storage.is_remote(log) else open(log, "a")  # noqa: SIM115
+      self._jsonl = _ObjectLog(log) if remote else open(log, "a")  # noqa: SIM115
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Writes one step's metrics (nested dicts of scalars or one-element arrays)."""

@@ -43,17 +43,22 @@ def join(p: str, *parts: str) -> str:
   return "/".join([p.rstrip("/"), *parts]) if is_remote(p) else os.path.join(p, *parts)
 
 
-def write_text(p: str, text: str) -> None:
+def write_bytes(p: str, data: bytes) -> None:
   """Writes a whole file: a local one through a temporary name and a rename, a Cloud Storage
   object in one upload (objects are replaced atomically). Creates parent directories."""
   target = path(p)
   target.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(p):
-    target.write_text(text)
+    target.write_bytes(data)
     return
   tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   os.replace(tmp, target)
+
+
+def write_text(p: str, text: str) -> None:
+  """`write_bytes` of UTF-8 text."""
+  write_bytes(p, text.encode())
 
 
 def upload_file(local_file: str | os.PathLike, dest: str) -> None:

@@ -65,9 +65,8 @@ def _glob(pattern: str, setting: str) -> list[str]:
   return sorted(str(p) for p in storage.path(parent).glob(name))
 
 
-def _local_copies(paths: list[str], by_dir: dict, cache: str) -> list[str]:
+def _local_copies(paths: list[str], shards: dict[str, dict], cache: str) -> list[str]:
   """`paths`, with every remote shard replaced by its verified copy in the local cache."""
-  shards = {os.path.join(d, s["file"]): s for d, (m, _) in by_dir.items() for s in m["shards"]}
   return [storage.cached_copy(p, size=shards[p]["bytes"], sha256=shards[p]["sha256"], cache=cache)
           if storage.is_remote(p) else p for p in paths]
 
@@ -107,11 +106,10 @@ def resolve(pattern: str, weight: float, split: str, *, setting: str, cache: str
     raise ValueError(f"{setting}: {pattern!r} has no {split!r} documents"
                      + (" (prepare with --eval_fraction > 0, or set config.data.eval_sources)"
                         if split == "eval" else ""))
-  counts = {os.path.join(d, s["file"]): s["documents"]
-            for d, (m, _) in by_dir.items() for s in m["shards"]}
-  docs = sum(counts[p] for p in paths)
+  shards = {os.path.join(d, s["file"]): s for d, (m, _) in by_dir.items() for s in m["shards"]}
+  docs = sum(shards[p]["documents"] for p in paths)
   return Source(spec=pattern, weight=weight,
-                paths=tuple(_local_copies(paths, by_dir, storage.cache_dir(cache))),
+                paths=tuple(_local_copies(paths, shards, storage.cache_dir(cache))),
                 kind=manifests[0]["kind"],
                 token_dtype=manifests[0]["token_dtype"],
                 tokenizer_fingerprint=manifests[0]["tokenizer"]["fingerprint"],
