@@ -1,31 +1,43 @@
 # Everything a fresh machine needs: `make demo` and `make test` create the virtualenv themselves.
+# `make demo` installs the runtime (requirements.txt) only; `make test` adds the test stack
+# (requirements-test.txt: torch, transformers, libtpu ...; requirements-gemma.txt) to that venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install install-test test test-fast lint demo clean
 
-install: $(STAMP)
+# The runtime: enough to train, checkpoint, export, import (but GGUF) and sample.
+install: $(RUNTIME_STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt requirements-gemma.txt pyproject.toml
+$(RUNTIME_STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(RUNTIME_STAMP)
+
+# The runtime plus the test stack. Depends on the runtime stamp, so a venv that `make demo` made
+# (or one whose requirements.txt changed) gets the test stack here.
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt requirements-gemma.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PY) -m pip install -q --no-deps -r requirements-gemma.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
 # The whole suite, slow end-to-end tests included (what CI runs).
-test: install
+test: install-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # Everything but the tests marked slow.
-test-fast: install
+test-fast: install-test
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
-lint: install
+lint: install-test
 	$(PY) -m ruff check .
 
 demo: install

@@ -25,8 +25,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from maxgemma import optional_packages
 from maxgemma.convert import gemma as gemma_fmt
-from maxgemma.convert import gguf as gguf_fmt
 from maxgemma.convert import hf
 from maxgemma.convert.safetensors_io import ShardedWriter
 from maxgemma.convert.workdir import WorkdirReader, atomic_output
@@ -35,7 +35,7 @@ from maxgemma.model.config import ModelConfig
 
 FORMATS = ("hf", "gguf", "gemma")
 DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gemma": ("float32", "bfloat16", "float16"),
-          "gguf": tuple(gguf_fmt.OUT_TYPES)}
+          "gguf": ("float32", "float16", "bfloat16", "q8_0")}  # maxgemma.convert.gguf.OUT_TYPES
 
 
 def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: str = "float32",
@@ -45,6 +45,8 @@ def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: 
     raise ValueError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
   if dtype not in DTYPES[fmt]:
     raise ValueError(f"--dtype={dtype!r} for --format={fmt}; allowed: {', '.join(DTYPES[fmt])}")
+  if fmt == "gguf":
+    optional_packages.require("gguf")
   if jax.process_count() > 1 and jax.process_index() != 0:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("maxgemma.export")
@@ -99,6 +101,8 @@ def _export_gguf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, over
                  max_shard_mb: float) -> None:
   del max_shard_mb
   import gguf  # noqa: PLC0415
+
+  from maxgemma.convert import gguf as gguf_fmt  # noqa: PLC0415
 
   cfg = reader.config
   out_type = gguf_fmt.OUT_TYPES[dtype]
@@ -223,7 +227,8 @@ def main(argv: Sequence[str]) -> None:
     path = export(FLAGS.workdir, FLAGS.format, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                   tokenizer=FLAGS.tokenizer, overwrite=FLAGS.overwrite,
                   max_shard_mb=FLAGS.max_shard_mb)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError,
+          optional_packages.MissingPackageError) as e:
     raise SystemExit(f"export failed: {e}") from None
   if path:
     print(f"exported {FLAGS.workdir} ({FLAGS.format}, {FLAGS.dtype}) to {path}")

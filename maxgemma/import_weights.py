@@ -28,9 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from maxgemma import storage
+from maxgemma import optional_packages, storage
 from maxgemma.convert import gemma as gemma_fmt
-from maxgemma.convert import gguf as gguf_fmt
 from maxgemma.convert import hf
 from maxgemma.convert.safetensors_io import SafetensorsDir
 from maxgemma.convert.workdir import OrbaxArrays, nest
@@ -92,6 +91,10 @@ class HFSource(Source):
 
 class GGUFSource(Source):
   def __init__(self, path: str):
+    optional_packages.require("gguf")
+    from maxgemma.convert import gguf as gguf_fmt  # noqa: PLC0415
+
+    self.fmt = gguf_fmt
     self.file = gguf_fmt.GGUFFile(path)
     self.config = gguf_fmt.config_from_metadata(self.file.reader, path)
     family = self.config.family
@@ -101,8 +104,8 @@ class GGUFSource(Source):
     self.tokenizer = gguf_fmt.tokenizer_from_metadata(self.file.reader, path)
 
   def _get(self, hf_name: str) -> np.ndarray:
-    name = gguf_fmt.gguf_name(hf_name, self.config.family)
-    return self.file.read_scale(name) if gguf_fmt.is_norm(name) else self.file.read(name)
+    name = self.fmt.gguf_name(hf_name, self.config.family)
+    return self.file.read_scale(name) if self.fmt.is_norm(name) else self.file.read(name)
 
   def globals(self) -> dict:
     return {"embedder": {"input_embedding": self._get(hf.EMBED)},
@@ -264,7 +267,8 @@ def main(argv: Sequence[str]) -> None:
   try:
     cfg = import_weights(fmt, FLAGS.path, FLAGS.workdir, preset=FLAGS.preset,
                          tokenizer=FLAGS.tokenizer, step=FLAGS.step)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError,
+          optional_packages.MissingPackageError) as e:
     raise SystemExit(f"import failed: {e}") from None
   print(f"imported {FLAGS.path} ({fmt}): {cfg.family}, {cfg.num_layers} layers, d_model "
         f"{cfg.d_model}, vocab {cfg.vocab_size} -> {FLAGS.workdir}/checkpoints/{FLAGS.step}")
