@@ -9,8 +9,9 @@ smaller cross-slice reduction of the shard.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -52,6 +53,13 @@ def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool
   if params and mesh_cfg is not None and not mesh_cfg.get("shard_params", True):
     return tuple((k, None if k == "embed" else v) for k, v in RULES)
   return RULES
+
+
+@contextlib.contextmanager
+def rules_scope(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict | None = None) -> Iterator[None]:
+  """The mesh and the logical-axis rules in scope, so tracing maps the model's activations."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for(mesh_cfg, params=True)):
+    yield
 
 
 def resolve_axes(mesh_cfg: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
