@@ -9,12 +9,13 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install install-test test test-fast lint demo clean
 
-# The runtime: enough to train, checkpoint, export, import (but GGUF) and sample.
+# The runtime: train, checkpoint, export, import and sample (GGUF needs the gguf package).
 install: $(RUNTIME_STAMP)
 
+# setuptools>=70.1 (bdist_wheel built in) for the editable install without build isolation.
 $(RUNTIME_STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=70.1"
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(RUNTIME_STAMP)
