@@ -1,16 +1,19 @@
 """Run a multi-process JAX job on this machine: P processes x D fake CPU devices, real collectives.
 
   python -m launch.local --processes=2 --devices_per_process=4 [--port=N] [--module=maxgemma.train]
-      [--log_dir=DIR] [--timeout=SECONDS] [--grace_s=SECONDS] -- <arguments for the module>
+      [--log_dir=DIR] [--timeout=SECONDS] [--grace_s=SECONDS] [--signal_grace_s=SECONDS]
+      -- <arguments for the module>
 
 Each process runs `python -m <module> <arguments>` with MAXGEMMA_COORDINATOR=127.0.0.1:PORT,
 MAXGEMMA_NUM_PROCESSES=P, MAXGEMMA_PROCESS_ID=i, JAX_PLATFORMS=cpu and
 XLA_FLAGS=--xla_force_host_platform_device_count=D (see maxgemma/distributed.py). Process 0's output
 is streamed with a `[p0]` prefix; every process's output goes to DIR/process_<i>.log. If a process
-fails (non-zero exit or killed) the others are stopped and the launcher exits non-zero naming it;
-Ctrl-C / SIGTERM stop all processes (SIGTERM to each process group, SIGKILL after --grace_s).
-Exit code 0 only when every process succeeded. No jax import here: the launcher only starts and
-watches processes.
+fails (non-zero exit or killed) the others are stopped (SIGTERM to each process group, SIGKILL after
+--grace_s) and the launcher exits non-zero naming it. Ctrl-C / SIGTERM to the launcher is forwarded
+as SIGTERM to every process (a preemption notice: the trainer saves and exits 0); the launcher waits
+up to --signal_grace_s for them, SIGKILLs what is left (at once on a second Ctrl-C / SIGTERM),
+prints every process's exit code and exits 0 only when all of them exited 0. No jax import here:
+the launcher only starts and watches processes.
 """
 
 from __future__ import annotations
@@ -109,6 +112,21 @@ class Job:
   def all_done(self) -> bool:
     return all(proc.poll() is not None for proc in self.procs)
 
+  def signal_all(self, sig: int) -> int:
+    """Sends `sig` to every running child's process group; returns how many were running."""
+    running = [p for p in self.procs if p.poll() is None]
+    for proc in running:
+      try:
+        os.killpg(proc.pid, sig)
+      except ProcessLookupError:
+        pass
+    return len(running)
+
+  def exit_codes(self) -> str:
+    """`process 0 exited with code 0, process 1 was killed by SIGKILL` (every child has ended)."""
+    return ", ".join(f"process {i} {_describe_exit(p.returncode)}"
+                     for i, p in enumerate(self.procs))
+
   def stop(self) -> int:
     """SIGTERM every running child's process group, SIGKILL after a grace period; returns count."""
     running = [p for p in self.procs if p.poll() is None]
@@ -153,6 +171,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                       help="stop everything after this many seconds (0: no limit)")
   parser.add_argument("--grace_s", type=float, default=5.0,
                       help="when stopping: SIGTERM, then SIGKILL after this many seconds")
+  parser.add_argument("--signal_grace_s", type=float, default=120.0,
+                      help="after forwarding Ctrl-C / SIGTERM: seconds the processes get to save "
+                           "and exit before SIGKILL")
   args = parser.parse_args(argv)
   if args.processes < 1:
     raise LaunchError(f"--processes={args.processes}: need at least 1 process")
@@ -160,6 +181,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     raise LaunchError(f"--devices_per_process={args.devices_per_process}: need at least 1 device")
   if not 0 <= args.port < 65536:
     raise LaunchError(f"--port={args.port} is not a TCP port: use 1..65535 or 0 for a free one")
+  for name in ("timeout", "grace_s", "signal_grace_s"):
+    if getattr(args, name) < 0:
+      raise LaunchError(f"--{name}={getattr(args, name):g} is negative: give seconds >= 0")
   if not args.module or args.module.startswith("-"):
     raise LaunchError(f"--module={args.module!r}: give a module name such as maxgemma.train")
   return args, rest
@@ -181,9 +205,30 @@ def launch(args: argparse.Namespace, module_args: list[str], out=None) -> int:
   job = Job(argv, args.processes, args.devices_per_process, port, log_dir, out=out,
             grace_s=args.grace_s)
   start = time.monotonic()
+  forwarded_at = None  # when the first Ctrl-C / SIGTERM was forwarded to the processes
+  killed = False
   try:
     while True:
+      if stop_signal and forwarded_at is None:
+        forwarded_at = time.monotonic()
+        count = job.signal_all(signal.SIGTERM)
+        print(f"launch.local: got {signal.Signals(stop_signal[0]).name}: forwarded SIGTERM to "
+              f"{count} running process(es); waiting up to {args.signal_grace_s:g}s for them to "
+              "save and exit (again: SIGKILL now)", file=sys.stderr, flush=True)
+      if forwarded_at is not None and not killed and (
+          len(stop_signal) > 1 or time.monotonic() - forwarded_at > args.signal_grace_s):
+        killed = True
+        job.signal_all(signal.SIGKILL)
       failed = job.first_failure()
+      if forwarded_at is not None and (failed is not None or job.all_done()):
+        job.stop()  # others of a failed process cannot finish their collectives
+        job.close()
+        codes = [p.returncode for p in job.procs]
+        print(f"launch.local: after {signal.Signals(stop_signal[0]).name}: {job.exit_codes()}; "
+              f"logs in {log_dir}", file=sys.stderr, flush=True)
+        if all(c == 0 for c in codes):
+          return 0
+        return next((c for c in codes if 0 < c < 126), 128 + stop_signal[0])
       if failed is not None:
         code = job.procs[failed].returncode
         stopped = job.stop()
@@ -201,13 +246,6 @@ def launch(args: argparse.Namespace, module_args: list[str], out=None) -> int:
         print(f"launch.local: all {args.processes} processes finished OK "
               f"({time.monotonic() - start:.1f}s)", file=out, flush=True)
         return 0
-      if stop_signal:
-        name = signal.Signals(stop_signal[0]).name
-        stopped = job.stop()
-        job.close()
-        print(f"launch.local: got {name}: stopped {stopped} running process(es); logs in {log_dir}",
-              file=sys.stderr, flush=True)
-        return 128 + stop_signal[0]
       if args.timeout and time.monotonic() - start > args.timeout:
         stopped = job.stop()
         job.close()

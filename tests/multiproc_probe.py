@@ -8,13 +8,16 @@ shard_map psum must both equal n(n+1)/2. Prints `PROBE ok ...` (exit 0) or `PROB
 Failure modes for the launcher's tests:
   --fail_process=K --fail_code=N: process K exits with code N right after joining the job, so the
     others block in the collective until the launcher stops them;
-  --sleep=S: skip jax, print `PROBE sleeping pid=...` and sleep S seconds (for signal tests).
+  --sleep=S: skip jax, print `PROBE sleeping pid=...` and sleep S seconds (for signal tests);
+    with --sigterm_codes=C0,C1,...: process i exits with code Ci on SIGTERM instead of dying of it
+    (Ci = ignore: it ignores SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -25,11 +28,16 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--fail_code", type=int, default=3)
   parser.add_argument("--sleep", type=float, default=0.0)
   parser.add_argument("--echo", action="append", default=[])
+  parser.add_argument("--sigterm_codes", default="")
   args = parser.parse_args(argv)
   for text in args.echo:  # arguments arrive intact through the launcher
     print(f"PROBE echo {text!r}", flush=True)
 
   if args.sleep:
+    if args.sigterm_codes:
+      code = args.sigterm_codes.split(",")[int(os.environ["MAXGEMMA_PROCESS_ID"])]
+      signal.signal(signal.SIGTERM, signal.SIG_IGN if code == "ignore"
+                    else lambda *_: os._exit(int(code)))
     print(f"PROBE sleeping pid={os.getpid()} process={os.environ.get('MAXGEMMA_PROCESS_ID')}",
           flush=True)
     time.sleep(args.sleep)

@@ -56,12 +56,13 @@ def test_a_dying_process_stops_the_others(tmp_path):
   assert time.monotonic() - start < 45
 
 
-def start_sleepers(tmp_path: Path) -> tuple[subprocess.Popen, dict[int, int]]:
+def start_sleepers(tmp_path: Path, *extra: str, launcher: tuple[str, ...] = ()
+                   ) -> tuple[subprocess.Popen, dict[int, int]]:
   """launch.local with 2 sleeping probe processes; returns it and {process index: pid}."""
   proc = subprocess.Popen([sys.executable, "-m", "launch.local", "--processes=2",
-                           f"--log_dir={tmp_path}", "--grace_s=2", "--module=tests.multiproc_probe",
-                           "--", "--sleep=120"], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                           f"--log_dir={tmp_path}", "--grace_s=2", *launcher,
+                           "--module=tests.multiproc_probe", "--", "--sleep=120", *extra],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   pids: dict[int, int] = {}
   deadline = time.monotonic() + 30
   while len(pids) < 2 and time.monotonic() < deadline:
@@ -85,7 +86,50 @@ def test_sigterm_stops_every_child(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=30)
   assert proc.returncode == 128 + signal.SIGTERM
-  assert "got SIGTERM: stopped 2 running process(es)" in err
+  assert "got SIGTERM: forwarded SIGTERM to 2 running process(es)" in err
+  assert ("after SIGTERM: process 0 was killed by SIGTERM, process 1 was killed by SIGTERM"
+          in err), err
+  for pid in pids.values():
+    assert_gone(pid)
+
+
+@pytest.mark.parametrize("codes,rc", [("0,0", 0), ("0,3", 3)])
+def test_sigterm_is_forwarded_and_exit_codes_reported(tmp_path, codes, rc):
+  """Children that handle SIGTERM (as the trainer saves and exits) decide the launcher's code."""
+  proc, pids = start_sleepers(tmp_path, f"--sigterm_codes={codes}")
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  c0, c1 = codes.split(",")
+  assert proc.returncode == rc, err
+  assert (f"after SIGTERM: process 0 exited with code {c0}, process 1 exited with code {c1}"
+          in err), err
+  for pid in pids.values():
+    assert_gone(pid)
+
+
+def test_a_child_ignoring_sigterm_is_killed_after_signal_grace(tmp_path):
+  proc, pids = start_sleepers(tmp_path, "--sigterm_codes=0,ignore",
+                              launcher=("--signal_grace_s=1",))
+  start = time.monotonic()
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=30)
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert "process 0 exited with code 0, process 1 was killed by SIGKILL" in err, err
+  assert time.monotonic() - start < 20
+  assert_gone(pids[1])
+
+
+def test_a_second_signal_kills_at_once(tmp_path):
+  proc, pids = start_sleepers(tmp_path, "--sigterm_codes=ignore,ignore")
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)
+  start = time.monotonic()
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=30)
+  assert time.monotonic() - start < 10  # not the default 120 s of --signal_grace_s
+  assert proc.returncode == 128 + signal.SIGINT
+  assert ("got SIGINT: forwarded SIGTERM" in err and
+          "process 0 was killed by SIGKILL, process 1 was killed by SIGKILL" in err), err
   for pid in pids.values():
     assert_gone(pid)
 
@@ -119,6 +163,7 @@ def test_child_environment():
     (["--processes=0"], "--processes=0: need at least 1 process"),
     (["--processes=2", "--devices_per_process=0"], "need at least 1 device"),
     (["--processes=2", "--port=70000"], "--port=70000 is not a TCP port"),
+    (["--processes=2", "--signal_grace_s=-1"], "--signal_grace_s=-1 is negative"),
 ])
 def test_bad_launcher_flags(args, message, capsys):
   assert local.main(args) == 2
