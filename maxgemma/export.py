@@ -13,10 +13,14 @@ The checkpoint is read one layer slice at a time (tensorstore) and written tenso
 the process holds at most one layer besides what the format itself needs (the `gemma` format is
 one orbax save: it holds one copy of the weights). Output goes to a temporary name and is renamed
 when complete. With several processes (multi-host), process 0 writes and the others wait.
+
+The tokenizer is `--tokenizer`, else the workdir's (`maxgemma.convert.workdir_tokenizer`); a
+workdir that has none exports weights and config only, and the command says so in one line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -26,21 +30,35 @@ import numpy as np
 from absl import app, flags, logging
 
 from maxgemma import optional_packages
-from maxgemma.convert import gemma as gemma_fmt
-from maxgemma.convert import hf
+from maxgemma.convert import gemma_checkpoint, hf
+from maxgemma.convert.atomic_output import atomic_output
+from maxgemma.convert.checkpoint_reader import CheckpointReader
 from maxgemma.convert.safetensors_io import ShardedWriter
-from maxgemma.convert.workdir import WorkdirReader, atomic_output
-from maxgemma.data.tokenizer import load_tokenizer
+from maxgemma.data.tokenizer import load
 from maxgemma.model.config import ModelConfig
 
 FORMATS = ("hf", "gguf", "gemma")
 DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gemma": ("float32", "bfloat16", "float16"),
-          "gguf": ("float32", "float16", "bfloat16", "q8_0")}  # maxgemma.convert.gguf.OUT_TYPES
+          "gguf": ("float32", "float16", "bfloat16", "q8_0")}  # gguf_format.OUT_TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+  """What `export` wrote: the output path and the tokenizer's origin (None: no tokenizer)."""
+
+  path: str
+  tokenizer_origin: str | None
+  note: str  # "" or the one line saying that no tokenizer was written and how to add one
 
 
 def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: str = "float32",
-           tokenizer: str = "", overwrite: bool = False, max_shard_mb: float = 2048) -> str | None:
-  """Writes the export; returns its path (None on processes other than 0)."""
+           tokenizer: str = "", overwrite: bool = False, max_shard_mb: float = 2048
+           ) -> Exported | None:
+  """Writes the export (None on processes other than 0).
+
+  The tokenizer is the workdir's (`maxgemma.convert.workdir_tokenizer`); a workdir without one
+  gets weights and config only, and `Exported.note` says so.
+  """
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
   if dtype not in DTYPES[fmt]:
@@ -51,27 +69,35 @@ def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: 
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("maxgemma.export")
     return None
-  reader = WorkdirReader(workdir, step)
-  tok = load_tokenizer(reader.tokenizer_path(tokenizer))
-  if tok.vocab_size > reader.config.vocab_size:
-    raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, more than the model's "
-                     f"{reader.config.vocab_size} embedding rows; pass the model's --tokenizer")
+  reader = CheckpointReader(workdir, step)
+  found = reader.tokenizer(tokenizer)
+  proto, note = None, ""
+  if found.path is None:
+    note = (f"no tokenizer written: {found.origin}; to add one, rerun with "
+            "--tokenizer=FILE --overwrite (the model's SentencePiece tokenizer.model)")
+  else:
+    tok = load(found.path)
+    if tok.vocab_size > reader.config.vocab_size:
+      raise ValueError(f"tokenizer {tok.path} ({found.origin}) has {tok.vocab_size} pieces, more "
+                       f"than the model's {reader.config.vocab_size} embedding rows; pass the "
+                       "model's --tokenizer")
+    proto = tok.model_proto
   {"hf": _export_hf, "gguf": _export_gguf, "gemma": _export_gemma}[fmt](
-      reader, out, dtype, tok.model_proto, overwrite, max_shard_mb)
+      reader, out, dtype, proto, overwrite, max_shard_mb)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices("maxgemma.export")
-  return out
+  return Exported(out, found.origin if proto is not None else None, note)
 
 
-def _export_hf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwrite: bool,
+def _export_hf(reader: CheckpointReader, out: str, dtype: str, proto: bytes | None, overwrite: bool,
                max_shard_mb: float) -> None:
   cfg = reader.config
-  np_dtype = gemma_fmt.np_dtype(dtype)
+  np_dtype = gemma_checkpoint.np_dtype(dtype)
   with atomic_output(out, directory=True, overwrite=overwrite) as tmp:
     writer = ShardedWriter(tmp, {n: (s, np_dtype) for n, s in hf.hf_shapes(cfg).items()},
                            max_shard_bytes=int(max_shard_mb * 2**20))
-    g = reader.globals()
+    g = reader.embedder_and_final_norm()
     writer.write(hf.EMBED, g["embedder"]["input_embedding"])
     writer.write(hf.FINAL_NORM, g["final_norm"]["scale"])
     del g
@@ -81,7 +107,8 @@ def _export_hf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwr
     writer.close()
     config = {**hf.hf_config(cfg), "torch_dtype": dtype, "dtype": dtype}
     _write_json(os.path.join(tmp, "config.json"), config)
-    write_hf_tokenizer(tmp, proto, cfg)
+    if proto is not None:
+      write_hf_tokenizer(tmp, proto, cfg)
 
 
 def write_hf_tokenizer(directory: str, proto: bytes, cfg: ModelConfig) -> None:
@@ -97,22 +124,23 @@ def write_hf_tokenizer(directory: str, proto: bytes, cfg: ModelConfig) -> None:
       "spaces_between_special_tokens": False, **special})
 
 
-def _export_gguf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwrite: bool,
-                 max_shard_mb: float) -> None:
+def _export_gguf(reader: CheckpointReader, out: str, dtype: str, proto: bytes | None,
+                 overwrite: bool, max_shard_mb: float) -> None:
   del max_shard_mb
   import gguf  # noqa: PLC0415
 
-  from maxgemma.convert import gguf as gguf_fmt  # noqa: PLC0415
+  from maxgemma.convert import gguf_format  # noqa: PLC0415
 
   cfg = reader.config
-  out_type = gguf_fmt.OUT_TYPES[dtype]
+  out_type = gguf_format.OUT_TYPES[dtype]
   shapes = hf.hf_shapes(cfg)
-  names = {n: gguf_fmt.gguf_name(n, cfg.family) for n in shapes}
-  types = {n: gguf_fmt.storage_type(s, out_type) for n, s in shapes.items()}
+  names = {n: gguf_format.gguf_name(n, cfg.family) for n in shapes}
+  types = {n: gguf_format.storage_type(s, out_type) for n, s in shapes.items()}
   with atomic_output(out, directory=False, overwrite=overwrite) as tmp:
-    w = gguf.GGUFWriter(tmp, gguf_fmt.ARCH[cfg.family])
-    gguf_fmt.add_metadata(w, cfg, out_type, name=f"maxgemma step {reader.step}")
-    gguf_fmt.add_tokenizer(w, proto, cfg.vocab_size)
+    w = gguf.GGUFWriter(tmp, gguf_format.ARCH[cfg.family])
+    gguf_format.add_metadata(w, cfg, out_type, name=f"maxgemma step {reader.step}")
+    if proto is not None:
+      gguf_format.add_tokenizer(w, proto, cfg.vocab_size)
     # Exact norm scales go into the metadata, which precedes the tensors: read them first.
     hf_norm = {ours: theirs for ours, theirs in hf.NORM_NAMES[cfg.family].items()}
     for path in reader.block_paths():
@@ -120,20 +148,21 @@ def _export_gguf(reader: WorkdirReader, out: str, dtype: str, proto: bytes, over
         continue
       for i in range(cfg.num_layers):
         hf_name = _hf_norm_name(path, hf_norm, i)
-        w.add_array(gguf_fmt.EXACT_KEY + names[hf_name], reader.leaf(i, path).tolist())
+        w.add_array(gguf_format.EXACT_KEY + names[hf_name], reader.leaf(i, path).tolist())
     final = reader.arrays.read(("final_norm", "scale"))
-    w.add_array(gguf_fmt.EXACT_KEY + names[hf.FINAL_NORM], final.tolist())
+    w.add_array(gguf_format.EXACT_KEY + names[hf.FINAL_NORM], final.tolist())
     for n, s in shapes.items():
-      w.add_tensor_info(names[n], s, np.float32, gguf_fmt.nbytes(s, types[n]), raw_dtype=types[n])
+      w.add_tensor_info(names[n], s, np.float32, gguf_format.nbytes(s, types[n]),
+                        raw_dtype=types[n])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
 
     def put(hf_name: str, array: np.ndarray) -> None:
       a = np.asarray(array, np.float32)
-      if gguf_fmt.is_norm(hf_name):
+      if gguf_format.is_norm(hf_name):
         a = np.float32(1) + a
-      w.write_tensor_data(gguf_fmt.encode(a, types[hf_name]))
+      w.write_tensor_data(gguf_format.encode(a, types[hf_name]))
 
     put(hf.EMBED, reader.arrays.read(("embedder", "input_embedding")))
     for i in range(cfg.num_layers):
@@ -154,22 +183,22 @@ def _hf_norm_name(path: tuple[str, ...], hf_norm: dict[str, str], i: int) -> str
   return pre + hf_norm[path[0]] + ".weight"
 
 
-def _export_gemma(reader: WorkdirReader, out: str, dtype: str, proto: bytes, overwrite: bool,
-                  max_shard_mb: float) -> None:
+def _export_gemma(reader: CheckpointReader, out: str, dtype: str, proto: bytes | None,
+                  overwrite: bool, max_shard_mb: float) -> None:
   del max_shard_mb
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   from maxgemma.checkpoint import model_config_to_dict  # noqa: PLC0415
 
   cfg = reader.config
-  np_dtype = gemma_fmt.np_dtype(dtype)
+  np_dtype = gemma_checkpoint.np_dtype(dtype)
   tree: dict[str, dict[str, np.ndarray]] = {}
 
   def put(path: tuple[str, ...], array: np.ndarray) -> None:
-    key, leaf = gemma_fmt.to_flat(path)
+    key, leaf = gemma_checkpoint.to_flat(path)
     tree.setdefault(key, {})[leaf] = np.asarray(array).astype(np_dtype, copy=False)
 
-  for (name, sub), array in _items(reader.globals()):
+  for (name, sub), array in _items(reader.embedder_and_final_norm()):
     put((name, sub), array)
   for i in range(cfg.num_layers):
     for path, array in _items(reader.block(i)):
@@ -183,9 +212,10 @@ def _export_gemma(reader: WorkdirReader, out: str, dtype: str, proto: bytes, ove
     ckpt.save(tmp, tree)
     ckpt.wait_until_finished()
     ckpt.close()
-    _write_json(os.path.join(tmp, gemma_fmt.CONFIG_FILE), model_config_to_dict(cfg))
-    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-      f.write(proto)
+    _write_json(os.path.join(tmp, gemma_checkpoint.CONFIG_FILE), model_config_to_dict(cfg))
+    if proto is not None:
+      with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+        f.write(proto)
 
 
 def _items(tree: dict, prefix: tuple[str, ...] = ()):
@@ -212,7 +242,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("dtype", "float32", "float32/bfloat16/float16 (hf, gemma); float32/"
                       "float16/bfloat16/q8_0 (gguf).")
   flags.DEFINE_string("tokenizer", "", "SentencePiece model (default: WORKDIR/tokenizer.model, "
-                      "then the training config's tokenizer).")
+                      "then the training config's; none: weights and config only).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
   flags.DEFINE_float("max_shard_mb", 2048, "Largest safetensors shard (hf).")
 
@@ -224,14 +254,16 @@ def main(argv: Sequence[str]) -> None:
     if not getattr(FLAGS, name):
       raise app.UsageError(f"--{name} is required")
   try:
-    path = export(FLAGS.workdir, FLAGS.format, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+    done = export(FLAGS.workdir, FLAGS.format, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                   tokenizer=FLAGS.tokenizer, overwrite=FLAGS.overwrite,
                   max_shard_mb=FLAGS.max_shard_mb)
   except (ValueError, FileNotFoundError, FileExistsError,
           optional_packages.MissingPackageError) as e:
     raise SystemExit(f"export failed: {e}") from None
-  if path:
-    print(f"exported {FLAGS.workdir} ({FLAGS.format}, {FLAGS.dtype}) to {path}")
+  if done:
+    print(f"exported {FLAGS.workdir} ({FLAGS.format}, {FLAGS.dtype}) to {done.path}")
+    if done.note:
+      print(done.note)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ The model config is inferred from the file and checked against every tensor name
 before anything is written. Weights are read one tensor at a time into the scanned float32 tree
 (one copy of the model), saved as a params-only checkpoint (`train` starts a fresh optimizer and
 restores the params straight onto its mesh), and the tokenizer goes to WORKDIR/tokenizer.model
-(`tokenizer.model` next to the weights, or rebuilt from GGUF metadata).
+(`--tokenizer`, `tokenizer.model` next to the weights, or rebuilt from GGUF metadata), with
+WORKDIR/tokenizer.json naming where it came from, or that the source carried none.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from maxgemma import optional_packages, storage
-from maxgemma.convert import gemma as gemma_fmt
-from maxgemma.convert import hf
+from maxgemma.convert import gemma_checkpoint, hf
+from maxgemma.convert.orbax_arrays import OrbaxArrays, nest
 from maxgemma.convert.safetensors_io import SafetensorsDir
-from maxgemma.convert.workdir import OrbaxArrays, nest
+from maxgemma.convert.workdir_tokenizer import find_tokenizer, record_tokenizer
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.model.presets import get_preset
@@ -44,9 +45,11 @@ class Source:
   """Weights of one model in some format: config, tokenizer, and layer-by-layer reads."""
 
   config: ModelConfig
-  tokenizer: bytes | None
+  tokenizer: bytes | None  # the SentencePiece model the source carries, if any
+  tokenizer_origin: str  # where `tokenizer` was found (or where it was looked for)
 
-  def globals(self) -> dict:
+  def embedder_and_final_norm(self) -> dict:
+    """The `embedder` and `final_norm` subtrees (everything outside the layers)."""
     raise NotImplementedError
 
   def block(self, i: int) -> dict:
@@ -60,7 +63,7 @@ def _check_names(found: dict[str, tuple], want: dict[str, tuple], where: str,
   wrong = sorted(f"{n} {tuple(found[n])} (config expects {tuple(want[n])})"
                  for n in want.keys() & found.keys() if tuple(found[n]) != tuple(want[n]))
   if missing or extra or wrong:
-    raise ValueError(gemma_fmt.describe_mismatch(where, missing, extra, wrong))
+    raise ValueError(gemma_checkpoint.describe_mismatch(where, missing, extra, wrong))
 
 
 class HFSource(Source):
@@ -75,13 +78,13 @@ class HFSource(Source):
     found = {n: self.files.shape(n) for n in self.files.names()}
     _check_names(found, hf.hf_shapes(self.config), f"{path} vs its config.json",
                  ignore=("lm_head.weight",))
-    tok = os.path.join(path, "tokenizer.model")
-    self.tokenizer = open(tok, "rb").read() if os.path.isfile(tok) else None  # noqa: SIM115
+    self.tokenizer_origin = os.path.join(os.path.abspath(path), "tokenizer.model")
+    self.tokenizer = _read_if_file(self.tokenizer_origin)
 
   def _get(self, name: str) -> np.ndarray:
     return self.files.read(name).astype(np.float32, copy=False)
 
-  def globals(self) -> dict:
+  def embedder_and_final_norm(self) -> dict:
     return {"embedder": {"input_embedding": self._get(hf.EMBED)},
             "final_norm": {"scale": self._get(hf.FINAL_NORM)}}
 
@@ -92,22 +95,23 @@ class HFSource(Source):
 class GGUFSource(Source):
   def __init__(self, path: str):
     optional_packages.require("gguf")
-    from maxgemma.convert import gguf as gguf_fmt  # noqa: PLC0415
+    from maxgemma.convert import gguf_format  # noqa: PLC0415
 
-    self.fmt = gguf_fmt
-    self.file = gguf_fmt.GGUFFile(path)
-    self.config = gguf_fmt.config_from_metadata(self.file.reader, path)
+    self.fmt = gguf_format
+    self.file = gguf_format.GGUFFile(path)
+    self.config = gguf_format.config_from_metadata(self.file.reader, path)
     family = self.config.family
-    want = {gguf_fmt.gguf_name(n, family): s for n, s in hf.hf_shapes(self.config).items()}
+    want = {gguf_format.gguf_name(n, family): s for n, s in hf.hf_shapes(self.config).items()}
     found = {n: self.file.shape(n) for n in self.file.tensors}
     _check_names(found, want, f"{path} vs its metadata", ignore=("output.weight",))
-    self.tokenizer = gguf_fmt.tokenizer_from_metadata(self.file.reader, path)
+    self.tokenizer = gguf_format.tokenizer_from_metadata(self.file.reader, path)
+    self.tokenizer_origin = f"the tokenizer.ggml metadata of {os.path.abspath(path)}"
 
   def _get(self, hf_name: str) -> np.ndarray:
     name = self.fmt.gguf_name(hf_name, self.config.family)
     return self.file.read_scale(name) if self.fmt.is_norm(name) else self.file.read(name)
 
-  def globals(self) -> dict:
+  def embedder_and_final_norm(self) -> dict:
     return {"embedder": {"input_embedding": self._get(hf.EMBED)},
             "final_norm": {"scale": self._get(hf.FINAL_NORM)}}
 
@@ -118,9 +122,9 @@ class GGUFSource(Source):
 class GemmaSource(Source):
   def __init__(self, path: str, preset: str = ""):
     self.arrays = OrbaxArrays(path)
-    self.paths = {gemma_fmt.from_stored(k): k for k in self.arrays.keys}
+    self.paths = {gemma_checkpoint.from_stored(k): k for k in self.arrays.keys}
     shapes = {p: self.arrays.shape(k) for p, k in self.paths.items()}
-    sidecar = os.path.join(path, gemma_fmt.CONFIG_FILE)
+    sidecar = os.path.join(path, gemma_checkpoint.CONFIG_FILE)
     if preset:
       self.config = get_preset(preset)
     elif os.path.isfile(sidecar):
@@ -128,24 +132,31 @@ class GemmaSource(Source):
       with open(sidecar) as f:
         self.config = model_config_from_dict(json.load(f)).validate()
     else:
-      cfg = gemma_fmt.infer_config(shapes)
+      cfg = gemma_checkpoint.infer_config(shapes)
       if cfg is None:
         raise ValueError(f"{path}: an official checkpoint carries no config and its shapes match "
                          "no single known preset; pass --preset=NAME")
       self.config = cfg
-    gemma_fmt.check_shapes(shapes, self.config, f"{path} vs config")
-    tok = os.path.join(path, "tokenizer.model")
-    self.tokenizer = open(tok, "rb").read() if os.path.isfile(tok) else None  # noqa: SIM115
+    gemma_checkpoint.check_shapes(shapes, self.config, f"{path} vs config")
+    self.tokenizer_origin = os.path.join(os.path.abspath(path), "tokenizer.model")
+    self.tokenizer = _read_if_file(self.tokenizer_origin)
 
   def _subtree(self, first: str) -> dict:
     return nest({p[1:]: self.arrays.read(k).astype(np.float32, copy=False)
                  for p, k in self.paths.items() if p[0] == first})
 
-  def globals(self) -> dict:
+  def embedder_and_final_norm(self) -> dict:
     return {"embedder": self._subtree("embedder"), "final_norm": self._subtree("final_norm")}
 
   def block(self, i: int) -> dict:
     return self._subtree(f"layer_{i}")
+
+
+def _read_if_file(path: str) -> bytes | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def open_source(fmt: str, path: str, preset: str = "") -> Source:
@@ -166,7 +177,7 @@ def scanned_tree(source: Source, cfg: ModelConfig,
   model = Transformer(cfg.replace(scan_layers=True))
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
   params = jax.tree.map(lambda s: np.empty(s.shape, np.float32), shapes["params"])
-  g = source.globals()
+  g = source.embedder_and_final_norm()
   params["embedder"]["input_embedding"][...] = g["embedder"]["input_embedding"]
   params["final_norm"]["scale"][...] = g["final_norm"]["scale"]
   del g
@@ -186,20 +197,25 @@ def import_weights(fmt: str, path: str, workdir: str, *, preset: str = "", token
 
   source = open_source(fmt, path, preset)  # every check happens here, before any write
   cfg = source.config
-  proto = load(tokenizer).model_proto if tokenizer else source.tokenizer
+  if tokenizer:
+    proto, origin = load(tokenizer).model_proto, f"--tokenizer={storage.absolute(tokenizer)}"
+  elif source.tokenizer is not None:
+    proto, origin = source.tokenizer, source.tokenizer_origin
+  else:
+    proto, origin = None, (f"imported from {os.path.abspath(path)} ({fmt}), which carries no "
+                           f"tokenizer ({source.tokenizer_origin} is missing)")
   if proto is not None:
     tok = Tokenizer(proto)
     if tok.vocab_size > cfg.vocab_size:
-      raise ValueError(f"the tokenizer has {tok.vocab_size} pieces, more than the model's "
-                       f"{cfg.vocab_size} embedding rows")
+      raise ValueError(f"the tokenizer ({origin}) has {tok.vocab_size} pieces, more than the "
+                       f"model's {cfg.vocab_size} embedding rows")
   existing = storage.path(workdir) / "checkpoints"
   if existing.is_dir() and any(p.name.isdigit() for p in existing.iterdir()):
     raise FileExistsError(f"{existing} already holds checkpoints; import into a new --workdir")
   params = scanned_tree(source, cfg)
-  if proto is not None:
-    storage.write_bytes(storage.join(workdir, "tokenizer.model"), proto)
+  record_tokenizer(workdir, proto, origin)
   save_params_checkpoint(workdir, step, params, cfg, {"import_weights": {
-      "format": fmt, "path": os.path.abspath(path)}})
+      "format": fmt, "path": os.path.abspath(path), "tokenizer": origin if proto else None}})
   return cfg
 
 
@@ -272,6 +288,9 @@ def main(argv: Sequence[str]) -> None:
     raise SystemExit(f"import failed: {e}") from None
   print(f"imported {FLAGS.path} ({fmt}): {cfg.family}, {cfg.num_layers} layers, d_model "
         f"{cfg.d_model}, vocab {cfg.vocab_size} -> {FLAGS.workdir}/checkpoints/{FLAGS.step}")
+  if find_tokenizer(FLAGS.workdir).path is None:
+    print(f"no tokenizer: {FLAGS.path} carries none; pass --tokenizer=FILE here, or to export "
+          "and sample later")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   from maxgemma.checkpoint import load_params  # noqa: PLC0415
-  from maxgemma.convert.workdir import resolve_tokenizer  # noqa: PLC0415
+  from maxgemma.convert.workdir_tokenizer import resolve_tokenizer  # noqa: PLC0415
   from maxgemma.data.tokenizer import load_tokenizer  # noqa: PLC0415
 
   if not FLAGS.workdir:

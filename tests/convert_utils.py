@@ -19,15 +19,18 @@ VOCAB = 2048  # the packaged demo tokenizer's pieces
 PRESETS = ["tiny_gemma1_mqa", "tiny_gemma2", "tiny_gemma3"]
 
 
-def make_workdir(root: str, preset: str, seed: int = 5, **overrides):
+def make_workdir(root: str, preset: str, seed: int = 5, tokenizer: str | None = "", **overrides):
   """A workdir with one params-only checkpoint (step 7) of random weights; returns (dir, cfg,
-  official params)."""
+  official params). Its training config names `tokenizer` as `data.tokenizer` ("" the packaged
+  demo tokenizer); None saves no training config (the checkpoint then names no tokenizer)."""
   cfg = get_preset(preset, **{"vocab_size": VOCAB, **overrides})
   params = random_params(cfg, seed)
   workdir = os.path.join(root, preset)
   ckpt = Checkpointer(workdir, ml_collections.ConfigDict(dict(keep_last=0, keep_every=0,
                                                               async_save=False)))
-  ckpt.save(7, {"params": stack_layers(params)}, model_cfg=cfg)
+  train_cfg = None if tokenizer is None else ml_collections.ConfigDict(
+      {"data": {"tokenizer": tokenizer}})
+  ckpt.save(7, {"params": stack_layers(params)}, model_cfg=cfg, config=train_cfg)
   ckpt.close()
   return workdir, cfg, params
 

@@ -17,8 +17,7 @@ import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from maxgemma.checkpoint import load_params
-from maxgemma.convert import gguf as gguf_fmt
-from maxgemma.convert import hf
+from maxgemma.convert import gguf_format, hf
 from maxgemma.data.tokenizer import load_tokenizer
 from maxgemma.export import export
 from maxgemma.import_weights import import_weights
@@ -57,7 +56,7 @@ def test_names_match_llama_cpp_table(preset):
   cfg = get_preset(preset)
   table = gguf.get_tensor_name_map(ARCH[cfg.family], cfg.num_layers)
   for name in hf.hf_shapes(cfg):
-    assert gguf_fmt.gguf_name(name, cfg.family) == table.get_name(name[:-len(".weight")]) + \
+    assert gguf_format.gguf_name(name, cfg.family) == table.get_name(name[:-len(".weight")]) + \
         ".weight", name
 
 
@@ -121,7 +120,7 @@ def test_reduced_precision_exports(exported, tmp_path, dtype, qtype, tol):
   path = str(tmp_path / f"m-{dtype}.gguf")
   export(workdir, "gguf", path, dtype=dtype)
   reader = gguf.GGUFReader(path)
-  want = {gguf_fmt.gguf_name(n, cfg.family): a for n, a in hf.to_hf(params, cfg).items()}
+  want = {gguf_format.gguf_name(n, cfg.family): a for n, a in hf.to_hf(params, cfg).items()}
   for t in reader.tensors:
     w = want[t.name] + (np.float32(1) if t.name.endswith("norm.weight") else 0)
     if w.ndim == 1:
@@ -146,12 +145,12 @@ def test_reduced_precision_exports(exported, tmp_path, dtype, qtype, tol):
 def write_k_quant_file(path: str, cfg, qtype, seed: int = 0) -> None:
   """A GGUF whose matrices are random (valid) K-quant blocks, norms F32, as llama.cpp lays out."""
   rng = np.random.default_rng(seed)
-  w = gguf.GGUFWriter(path, gguf_fmt.ARCH[cfg.family])
-  gguf_fmt.add_metadata(w, cfg, gguf.GGMLQuantizationType.F32, "k-quant test")
-  gguf_fmt.add_tokenizer(w, load_tokenizer("").model_proto, cfg.vocab_size)
+  w = gguf.GGUFWriter(path, gguf_format.ARCH[cfg.family])
+  gguf_format.add_metadata(w, cfg, gguf.GGMLQuantizationType.F32, "k-quant test")
+  gguf_format.add_tokenizer(w, load_tokenizer("").model_proto, cfg.vocab_size)
   block, size = gguf.GGML_QUANT_SIZES[qtype]
   for n, shape in hf.hf_shapes(cfg).items():
-    name = gguf_fmt.gguf_name(n, cfg.family)
+    name = gguf_format.gguf_name(n, cfg.family)
     if len(shape) == 1:
       w.add_tensor(name, (1 + rng.normal(0, 0.3, shape)).astype(np.float32))
       continue
