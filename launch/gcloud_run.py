@@ -402,7 +402,8 @@ def _recreate(g: Gcloud, s: Settings, opts: argparse.Namespace, trainer_args: Se
 
 def do_status(g: Gcloud, s: Settings, opts: argparse.Namespace) -> int:
   state = qr_state(g, s)
-  print(f"{s.name}: {state if state is not None else 'not found'} ({s.slices} x "
+  shown = state or ("not found" if state is None else "unknown")
+  print(f"{s.name}: {shown} ({s.slices} x "
         f"{s.accelerator_type}, {s.zone})", file=g.out if not g.dry_run else sys.stderr,
         flush=True)
   if g.dry_run or state == ga.ACTIVE:

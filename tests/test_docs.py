@@ -277,7 +277,8 @@ def check_tpu(s: Session, args: list[str], r: Result) -> None:
     assert calls == []
     return
   verb = args[3]
-  wanted = {"create": " create ", "setup": " scp ", "run": "worker.sh start"}.get(verb, "")
+  wanted = {"create": " create ", "setup": "google_metadata_script_runner",
+            "run": "worker.sh status"}.get(verb, "")
   assert any(wanted in " ".join(c) for c in calls), (verb, calls)
 
 
