@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
       packing_bins=64,  # rows packed at once: more bins, less padding
       worker_count=0,  # grain worker processes (0 = in the main process)
       prefetch=2,  # batches prefetched in a background thread (0 = none)
+      # Loader shards: independent streams giving global_batch / loader_shards rows each; the
+      # batch at each step depends on this count, never on processes or mesh (0 = one per row).
+      loader_shards=0,
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

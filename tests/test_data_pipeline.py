@@ -83,17 +83,50 @@ def _segments(batch):
 
 
 def test_batch_contract(data):
-  it = make_train_iterator(_cfg(data["docs"]), seq_len=48, global_batch=8, seed=0,
-                           process_index=1, process_count=2)
+  it = make_train_iterator(_cfg(data["docs"]), seq_len=48, global_batch=8, seed=0, shards=[2, 3])
   batch = next(it)
   assert set(batch) == {"tokens", "targets", "positions", "segment_ids", "loss_weights"}
   for k, v in batch.items():
-    assert v.shape == (4, 48), k
+    assert v.shape == (2, 48), k  # two loader shards of one row each
     assert v.dtype == (np.float32 if k == "loss_weights" else np.int32), k
-  with pytest.raises(ValueError, match="not divisible by process_count=3"):
-    make_train_iterator(_cfg(data["docs"]), seq_len=48, global_batch=8, seed=0,
-                        process_index=0, process_count=3)
+  with pytest.raises(ValueError, match=r"config.data.loader_shards=3 must divide "
+                                       r"train.global_batch=8 .* such as 8"):
+    make_train_iterator(_cfg(data["docs"], loader_shards=3), seq_len=48, global_batch=8, seed=0)
+  with pytest.raises(ValueError, match=r"loader shards \[4\] are not distinct indices in \[0, 4\)"):
+    make_train_iterator(_cfg(data["docs"], loader_shards=4), seq_len=48, global_batch=8, seed=0,
+                        shards=[4])
   it.close()
+
+
+def test_the_global_batch_does_not_depend_on_how_loader_shards_are_split(data):
+  """All loader shards in one iterator == the same shards split over several (processes)."""
+  cfg = _cfg(data["docs"], loader_shards=4)
+  whole = make_train_iterator(cfg, seq_len=40, global_batch=8, seed=2)
+  parts = [make_train_iterator(cfg, seq_len=40, global_batch=8, seed=2, shards=s)
+           for s in ([0], [1, 2], [3])]
+  for _ in range(6):
+    a = next(whole)
+    b = [next(p) for p in parts]
+    for k in a:
+      assert (a[k] == np.concatenate([x[k] for x in b])).all(), k
+  for it in [whole, *parts]:
+    it.close()
+
+
+@pytest.mark.parametrize("files,shards", [(1, 8), (3, 8), (4, 4), (10, 4), (7, 3)])
+def test_loader_shards_cover_every_document_once(files, shards):
+  from maxgemma.data.pipeline import shard_documents
+  file_docs = [11 + 5 * f for f in range(files)]
+  seen = []
+  for j in range(shards):
+    runs = shard_documents(file_docs, j, shards)
+    assert len({f for f, *_ in runs}) == len(runs)
+    if files >= shards:  # whole files: a host fetches only the files of its loader shards
+      assert all(first == 0 and stride == 1 for _, first, stride, _ in runs)
+    else:
+      assert len(runs) == 1
+    seen += [(f, first + stride * i) for f, first, stride, n in runs for i in range(n)]
+  assert sorted(seen) == [(f, r) for f in range(files) for r in range(file_docs[f])]
 
 
 def test_packing_never_leaks_across_documents(data):
@@ -136,8 +169,8 @@ def test_mixture_proportions_over_10k_rows(data):
   tok = tok_lib.load_tokenizer("")
   digit_ids = {tok.piece_to_id(str(d)) for d in range(10)}
   # Rows are mixed after packing, so packing does not change proportions; off here for speed.
-  it = make_train_iterator(_cfg(f"{data['digits']}:3,{data['letters']}:1", packing=False),
-                           seq_len=16, global_batch=200, seed=0)
+  it = make_train_iterator(_cfg(f"{data['digits']}:3,{data['letters']}:1", packing=False,
+                                loader_shards=8), seq_len=16, global_batch=200, seed=0)
   from_digits = rows = 0
   for _ in range(50):
     tokens = next(it)["tokens"]
@@ -212,7 +245,7 @@ def test_restore_with_other_settings_is_refused(data):
   next(it)
   state = it.get_state()
   other = make_train_iterator(_cfg(data["docs"]), seq_len=64, global_batch=4, seed=0)
-  with pytest.raises(ValueError, match="seq_len: saved 32, now 64"):
+  with pytest.raises(ValueError, match=r"seq_len: saved 32, now 64 \(config.train.seq_len\)"):
     other.set_state(state)
   it.close()
   other.close()
@@ -231,8 +264,7 @@ _CHILD = textwrap.dedent("""
       c = base_config().data
       for k, v in a["cfg"].items():
         c[k] = v
-      it = make_train_iterator(c, seq_len=a["seq_len"], global_batch=a["global_batch"], seed=7,
-                               process_index=a["index"], process_count=a["count"])
+      it = make_train_iterator(c, seq_len=a["seq_len"], global_batch=a["global_batch"], seed=7)
       if a["mode"] == "rows":
         batches = [next(it) for _ in range(a["n"])]
         np.save(a["out"], np.stack([np.stack([b["tokens"], b["targets"]]) for b in batches]))
@@ -275,28 +307,67 @@ def test_exact_resume_in_a_fresh_process_with_orbax(data, tmp_path):
   it = make_train_iterator(_cfg(data["docs"]), seq_len=32, global_batch=4, seed=7)
   reference = np.stack([next(it)["tokens"] for _ in range(n + m)])
   it.close()
-  common = dict(cfg=cfg, seq_len=32, global_batch=4, index=0, count=1, ckpt=str(tmp_path / "ck"))
+  common = dict(cfg=cfg, seq_len=32, global_batch=4, ckpt=str(tmp_path / "ck"))
   _wait(_child(tmp_path, mode="save", n=n, **common))
-  assert (tmp_path / "ck" / str(n) / "data" / "process_0-of-1.json").exists()
+  assert (tmp_path / "ck" / str(n) / "data" / "shard_00003-of-00004.json").exists()
   _wait(_child(tmp_path, mode="restore", n=m, out=str(tmp_path / "resumed.npy"), **common))
   resumed = np.load(tmp_path / "resumed.npy")
   assert (resumed == reference[n:]).all()
 
 
-def test_two_processes_get_disjoint_shards_covering_each_document_once(data, tmp_path):
+def test_loader_shards_read_disjoint_documents_covering_each_once(data):
   docs = _doc_ids()
-  cfg = {"sources": data["docs"], "packing": False}
-  procs = [_child(tmp_path, mode="rows", cfg=cfg, seq_len=160, global_batch=2, index=i, count=2,
-                  n=N_DOCS // 2, out=str(tmp_path / f"p{i}.npy")) for i in range(2)]
-  for p in procs:
-    _wait(p)
+  cfg = _cfg(data["docs"], packing=False)  # one document per row
   seen = []
-  for i in range(2):
-    rows = np.load(tmp_path / f"p{i}.npy")[:, :, 0]  # [N/2, 2, seq_len]: one document per row
-    seen.append([docs[(*tokens[tokens > 0].tolist(), targets[tokens > 0][-1])]
-                 for tokens, targets in rows])
+  for shard in range(2):
+    it = make_train_iterator(cfg, seq_len=160, global_batch=2, seed=7, shards=[shard])
+    rows = [next(it) for _ in range(N_DOCS // 2)]
+    it.close()
+    seen.append([docs[(*b["tokens"][0][b["tokens"][0] > 0].tolist(),
+                       b["targets"][0][b["tokens"][0] > 0][-1])] for b in rows])
   assert not set(seen[0]) & set(seen[1])
   assert sorted(seen[0] + seen[1]) == list(range(N_DOCS))  # each document exactly once
+
+
+def test_shards_saved_by_two_owners_resume_in_one_iterator(data, tmp_path):
+  """Two "processes" each write the loader shards they own; one iterator resumes them all."""
+  import orbax.checkpoint as ocp
+
+  from maxgemma.data.checkpointing import data_restore_args, data_save_args
+  cfg = _cfg(data["docs"], loader_shards=4)
+  reference = make_train_iterator(cfg, seq_len=32, global_batch=8, seed=1)
+  expected = [next(reference)["tokens"] for _ in range(7)][3:]
+  parts = [make_train_iterator(cfg, seq_len=32, global_batch=8, seed=1, shards=s)
+           for s in ([0, 1], [0, 1], [2, 3])]  # the first two hold the same rows
+  parts[1].owned = ()
+  for _ in range(3):
+    for p in parts:
+      next(p)
+  for i, p in enumerate(parts):
+    mngr = ocp.CheckpointManager(str(tmp_path / "ck"), options=ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=False))
+    if i == 0:
+      mngr.save(3, args=ocp.args.Composite(data=data_save_args(p)))
+    else:  # the other writers add their files to the finished item (as on a shared disk)
+      from maxgemma.data.checkpointing import DataIteratorHandler, DataSave
+      DataIteratorHandler().save(tmp_path / "ck" / "3" / "data", DataSave(p))
+    mngr.close()
+  names = sorted(os.listdir(tmp_path / "ck" / "3" / "data"))
+  assert [n for n in names if n.startswith("shard_")] == [
+      f"shard_{j:05d}-of-00004.json" for j in range(4)]
+  fresh = make_train_iterator(cfg, seq_len=32, global_batch=8, seed=1)
+  mngr = ocp.CheckpointManager(str(tmp_path / "ck"))
+  mngr.restore(3, args=ocp.args.Composite(data=data_restore_args(fresh)))
+  for e in expected:
+    assert (next(fresh)["tokens"] == e).all()
+  other = make_train_iterator(_cfg(data["docs"], loader_shards=4, packing=False), seq_len=32,
+                              global_batch=8, seed=1)
+  with pytest.raises(ValueError, match=r"cannot continue the data stream .*packing: saved True, "
+                                       r"now False \(config.data.packing\)"):
+    mngr.restore(3, args=ocp.args.Composite(data=data_restore_args(other)))
+  mngr.close()
+  for it in [reference, *parts, fresh, other]:
+    it.close()
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])

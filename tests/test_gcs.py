@@ -172,8 +172,8 @@ def test_two_processes_checkpoint_to_a_bucket_and_resume(gcs, tmp_path):
     assert f"resumed from {workdir}/checkpoints/4 at step 4" in log
   ckpts = storage.path(f"{workdir}/checkpoints")
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 4, 6]
-  assert sorted(p.name for p in (ckpts / "6" / "data").glob("process_*.json")) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(p.name for p in (ckpts / "6" / "data").glob("shard_*.json")) == [
+      f"shard_{j:05d}-of-00008.json" for j in range(8)]
   lines = storage.path(f"{workdir}/metrics.jsonl").read_text().splitlines()
   assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # process 0 writes, once
 

@@ -3,9 +3,10 @@
   mngr.save(step, args=ocp.args.Composite(state=..., data=data_save_args(it)))
   mngr.restore(step, args=ocp.args.Composite(state=..., data=data_restore_args(it)))
 
-Each process writes its own `process_{index}-of-{count}.json` (the iterator's own process index,
-not jax's, so it also works when processes are not a jax cluster); restore reads this process's
-file back into the iterator in place and returns it.
+The item holds one `shard_{j}-of-{S}.json` per loader shard j: its position and the settings the
+stream depends on. Each process writes the loader shards it owns (`iterator.owned`: every shard
+is owned by exactly one process, so no file is written twice) and restores the shards it runs,
+whatever process wrote them: a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -20,28 +21,37 @@ from etils import epath
 ITEM = "data"
 
 
-def _filename(iterator: Any) -> str:
-  index = getattr(iterator, "process_index", 0)
-  count = getattr(iterator, "process_count", 1)
-  return f"process_{index}-of-{count}.json"
+def shard_filename(shard: int, shards: int) -> str:
+  return f"shard_{shard:05d}-of-{shards:05d}.json"
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves/restores a grain `DatasetIterator`'s state as JSON, one file per process."""
+  """Saves/restores a `DataIterator`'s per-loader-shard positions as JSON files."""
 
   def save(self, directory: epath.Path, args: DataSave) -> None:
-    state = json.dumps(args.state, indent=1)
-    (epath.Path(directory) / _filename(args.iterator)).write_text(state)
+    it, state = args.iterator, args.state
+    for j in it.owned:
+      body = {"meta": state["meta"], "shard": j, "position": state["shards"][str(j)]}
+      path = epath.Path(directory) / shard_filename(j, it.loader_shards)
+      path.write_text(json.dumps(body, indent=1))
 
   def restore(self, directory: epath.Path, args: DataRestore) -> Any:
-    path = epath.Path(directory) / _filename(args.iterator)
-    if not path.exists():
-      saved = sorted(p.name for p in epath.Path(directory).glob("process_*.json"))
-      raise FileNotFoundError(f"{path} does not exist (saved: {', '.join(saved) or 'none'}); "
-                              "the data state is restored by the same process index and count "
-                              "that saved it")
-    args.iterator.set_state(json.loads(path.read_text()))
-    return args.iterator
+    it = args.iterator
+    directory = epath.Path(directory)
+    shards, meta = {}, None
+    for j in it.shards:
+      path = directory / shard_filename(j, it.loader_shards)
+      if not path.exists():
+        saved = sorted(p.name for p in directory.glob("*.json"))
+        raise ValueError(f"{path} does not exist (saved: {', '.join(saved[:4]) or 'none'}"
+                         f"{' ...' if len(saved) > 4 else ''}): the checkpoint's data state was "
+                         f"not written for {it.loader_shards} loader shards; set "
+                         "config.data.loader_shards (and train.global_batch) to the saved run's")
+      body = json.loads(path.read_text())
+      it.check_meta(body["meta"], where=str(directory.parent))
+      shards[str(j)], meta = body["position"], body["meta"]
+    it.set_state({"meta": meta, "shards": shards})
+    return it
 
   def metadata(self, directory: epath.Path) -> None:
     return None
@@ -73,10 +83,15 @@ class DataRestore(ocp.args.CheckpointArgs):
   iterator: Any
 
 
-def saved_for(iterator: Any, directory: str) -> bool:
-  """Whether `directory` (a checkpoint's "data" item) holds a position for this iterator's
-  process index and count (a run resumed with another number of processes finds none)."""
-  return (epath.Path(directory) / _filename(iterator)).exists()
+def check_saved(iterator: Any, directory: str) -> None:
+  """Raises the one-line error `restore` would, before anything is restored: a missing loader
+  shard file or other stream settings in checkpoint item `directory`."""
+  directory = epath.Path(directory)
+  for j in iterator.shards:
+    path = directory / shard_filename(j, iterator.loader_shards)
+    if not path.exists():
+      DataIteratorHandler().restore(directory, DataRestore(iterator))  # raises the message
+    iterator.check_meta(json.loads(path.read_text())["meta"], where=str(directory.parent))
 
 
 def data_save_args(iterator: Any) -> DataSave:

@@ -1,12 +1,18 @@
-"""The grain input pipeline: shuffled, per-process sharded, packed, mixed, prefetched batches.
+"""The grain input pipeline: loader shards of shuffled, packed, mixed rows, batched and prefetched.
 
-Per source: a global document order (a seeded permutation per epoch, `shuffle.permute`) of
-which this process reads every process_count-th document -> ArrayRecord reads in groups of 64
--> next-token chunks of at most seq_len (targets never cross documents) -> (worker-process
-prefetch of groups, order kept) -> grain packing into rows (segment_ids, positions). Sources
-are mixed row by row by weight (grain mix), rows are batched and prefetched in a thread. Every
-stage is deterministic and checkpointable: the data order is a pure function of (seed, step)
-for a given world size, and worker_count does not change it.
+The global batch of B rows is made by S loader shards (`config.data.loader_shards`, 0 = one per
+row), shard j giving rows [j*B/S, (j+1)*B/S) of every step. Each loader shard is a pipeline of
+its own over its own documents (whole shard files when there are at least S files, else every
+m-th document of one file): a seeded permutation per epoch of its documents (`shuffle.permute`)
+-> ArrayRecord reads in groups of 64 -> next-token chunks of at most seq_len (targets never
+cross documents) -> (worker-process prefetch of groups, order kept) -> grain packing into rows
+(segment_ids, positions) -> sources mixed row by row by weight (grain mix) -> B/S rows per step.
+A process runs only the loader shards its devices' rows need (`maxgemma.feed` plans which) and
+gets their rows concatenated in shard order, prefetched in a thread.
+
+So the global batch at step s is a pure function of (seed, data config, global batch, loader
+shards, s): the same for any number of processes, devices or mesh shape, and a checkpoint holds
+one position per loader shard, which any process count can resume from.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -26,7 +33,8 @@ from maxgemma.data.shuffle import permute
 from maxgemma.data.sources import Source, resolve_all
 from maxgemma.data.tokenizer import load_tokenizer
 
-__all__ = ["DataIterator", "make_eval_iterator", "make_train_iterator"]
+__all__ = ["DataIterator", "loader_shard_count", "make_eval_iterator", "make_train_iterator",
+           "shard_documents"]
 
 _MAX_FAN_OUT = 1 << 20  # chunks per document (grain's flat-map bound)
 
@@ -57,41 +65,63 @@ class _Chunker:
     return [rows[s:s + self.seq_len] for s in range(0, n, self.seq_len)]
 
 
+def shard_documents(file_documents: Sequence[int], shard: int, shards: int
+                    ) -> tuple[tuple[int, int, int, int], ...]:
+  """The documents of loader shard `shard` of `shards`, as (file, first, stride, count) runs.
+
+  With at least as many files as loader shards, shard j reads whole files j, j+S, j+2S, ...;
+  with fewer, the m shards sharing file j % N read every m-th of its documents, from j // N.
+  """
+  n = len(file_documents)
+  if n >= shards:
+    return tuple((f, 0, 1, int(file_documents[f])) for f in range(shard, n, shards))
+  f = shard % n
+  share = len(range(f, shards, n))
+  first = shard // n
+  return ((f, first, share, len(range(first, int(file_documents[f]), share))),)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Order:
-  """Which documents this process reads, in order: a pure function of the group number.
+  """Which documents a loader shard reads, in order: a pure function of the group number.
 
-  Global stream position q = p * process_count + process_index for this process's p-th
-  document, so processes interleave over one global order and each epoch (n consecutive global
-  positions) covers every document exactly once. Epoch e of the global order is the seeded
-  permutation `permute(., n, seed(e))` (a new shuffle each epoch), or the identity.
+  The shard's p-th document is position j of epoch e (divmod(p, n)); each epoch is the seeded
+  permutation `permute(., n, seed(e))` of the shard's n documents (or the identity), mapped to
+  (file, record) through the shard's runs.
   """
-  n: int
-  process_index: int
-  process_count: int
+  runs: tuple[tuple[int, int, int, int], ...]
   seed: int | None  # None: no shuffle
 
-  def __call__(self, group: int) -> np.ndarray:
+  @property
+  def n(self) -> int:
+    return sum(r[3] for r in self.runs)
+
+  def __call__(self, group: int) -> tuple[np.ndarray, np.ndarray]:
     p = np.arange(group * _READ_GROUP, (group + 1) * _READ_GROUP, dtype=np.int64)
-    epoch, j = np.divmod(p * self.process_count + self.process_index, self.n)
-    if self.seed is None:
-      return j
-    for e in np.unique(epoch).tolist():
-      at = epoch == e
-      j[at] = permute(j[at], self.n, _seed(self.seed, e))
-    return j
+    epoch, j = np.divmod(p, self.n)
+    if self.seed is not None:
+      for e in np.unique(epoch).tolist():
+        at = epoch == e
+        j[at] = permute(j[at], self.n, _seed(self.seed, e))
+    starts = np.cumsum([0] + [r[3] for r in self.runs])
+    run = np.searchsorted(starts, j, side="right") - 1
+    table = np.asarray(self.runs, dtype=np.int64)
+    files = table[run, 0]
+    records_ = table[run, 1] + table[run, 2] * (j - starts[run])
+    return files, records_
 
 
 class _ReadChunks:
   """Group number -> the chunks of that group's documents, in order (one pipeline element).
 
   Reads with ArrayRecord directly (random access, no read-ahead): about 3x cheaper per record
-  than grain's data source, which matters for short documents.
+  than grain's data source, which matters for short documents. Only the files of this loader
+  shard are opened (and, for a remote source, fetched).
   """
 
   def __init__(self, source: Source, order: _Order, chunker: _Chunker):
     self.source, self.order, self.chunker = source, order, chunker
-    self._readers, self._starts = None, None
+    self._readers: dict[int, ArrayRecordReader] = {}
 
   def __getstate__(self) -> dict:  # worker processes open their own readers
     return {"source": self.source, "order": self.order, "chunker": self.chunker}
@@ -99,22 +129,22 @@ class _ReadChunks:
   def __setstate__(self, state: dict) -> None:
     self.__init__(state["source"], state["order"], state["chunker"])
 
-  def _open(self) -> None:
-    self._readers = [ArrayRecordReader(p, "readahead_buffer_size:0") for p in self.source.paths]
-    counts = [r.num_records() for r in self._readers]
-    if sum(counts) != self.source.documents:
-      raise ValueError(f"{self.source.spec}: shards hold {sum(counts)} records, the manifest "
-                       f"says {self.source.documents} (files replaced?)")
-    self._starts = np.cumsum([0, *counts])
+  def _reader(self, f: int) -> ArrayRecordReader:
+    if f not in self._readers:
+      path = self.source.local_path(f)
+      reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+      if reader.num_records() != self.source.file_documents[f]:
+        raise ValueError(f"{self.source.paths[f]}: holds {reader.num_records()} records, the "
+                         f"manifest says {self.source.file_documents[f]} (file replaced?): "
+                         "prepare the dataset again")
+      self._readers[f] = reader
+    return self._readers[f]
 
   def __call__(self, group: int) -> list[np.ndarray]:
-    if self._readers is None:
-      self._open()
-    docs = self.order(group)
-    files = np.searchsorted(self._starts, docs, side="right") - 1
+    files, recs = self.order(group)
     out = []
-    for doc, f in zip(docs.tolist(), files.tolist(), strict=True):
-      out += self.chunker(self._readers[f].read([doc - int(self._starts[f])])[0])
+    for f, r in zip(files.tolist(), recs.tolist(), strict=True):
+      out += self.chunker(self._reader(f).read([r])[0])
     return out
 
 
@@ -161,13 +191,18 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _rows(source: Source, index: int, data_cfg: Any, *, seq_len: int, seed: int, train: bool,
-          process_index: int, process_count: int) -> grain.IterDataset:
-  """Packed (or padded) rows of one source for this process."""
-  shuffle_seed = _seed(seed, index, 0) if train and data_cfg.shuffle else None
-  order = _Order(source.documents, process_index, process_count, shuffle_seed)
+def _rows(source: Source, index: int, shard: int, shards: int, data_cfg: Any, *, seq_len: int,
+          seed: int, train: bool) -> grain.IterDataset:
+  """Packed (or padded) rows of one source for loader shard `shard` of `shards`."""
+  runs = shard_documents(source.file_documents, shard, shards)
+  if sum(r[3] for r in runs) == 0:
+    raise ValueError(f"{source.spec}: loader shard {shard} of {shards} gets no documents "
+                     f"({len(source.paths)} file(s), {source.documents} documents): set "
+                     "config.data.loader_shards to a smaller divisor of train.global_batch")
+  shuffle_seed = _seed(seed, index, shard, 0) if train and data_cfg.shuffle else None
+  order = _Order(runs, shuffle_seed)
   chunker = _Chunker(seq_len, source.token_dtype, source.kind == "sft")
-  # Infinite: group g holds this process's documents g*G .. g*G+G-1 (epochs follow each other).
+  # Infinite: group g holds the shard's documents g*G .. g*G+G-1 (epochs follow each other).
   ds = grain.MapDataset.range(_GROUPS).map(_ReadChunks(source, order, chunker))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if data_cfg.worker_count > 0:  # 1:1 stage: workers' round-robin output keeps the order
@@ -183,26 +218,77 @@ def _rows(source: Source, index: int, data_cfg: Any, *, seq_len: int, seed: int,
     raise ValueError(f"config.data.packing_method={data_cfg.packing_method!r}: expected "
                      "best_fit or first_fit")
   return packer(it.map(_as_packed), length_struct={"seq": seq_len},
-                num_packing_bins=int(data_cfg.packing_bins), seed=_seed(seed, index, 1),
+                num_packing_bins=int(data_cfg.packing_bins), seed=_seed(seed, index, shard, 1),
                 shuffle_bins=train and data_cfg.shuffle)
 
 
-class DataIterator(grain.DatasetIterator):
-  """This process's batches; checkpointable with `get_state`/`set_state` (JSON-able dicts).
+class _ConcatShards(grain.IterDataset):
+  """Loader shards side by side: each step, every shard's rows concatenated in shard order."""
 
-  The state carries the settings the data order depends on, so restoring into an iterator made
-  with other settings (seed, seq_len, batch, world size, sources, workers) fails loudly.
+  def __init__(self, shards: dict[int, grain.IterDataset]):
+    super().__init__(list(shards.values()))
+    self._ids = list(shards)
+
+  def __iter__(self) -> _ConcatShardsIterator:
+    return _ConcatShardsIterator(self._ids, [iter(p) for p in self._parents])
+
+
+class _ConcatShardsIterator(grain.DatasetIterator):
+
+  def __init__(self, ids: list[int], parents: list[grain.DatasetIterator]):
+    super().__init__(parents)
+    self._ids = ids
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(p) for p in self._parents]
+    return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"shards": {str(i): p.get_state() for i, p in zip(self._ids, self._parents,
+                                                                strict=True)}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for i, p in zip(self._ids, self._parents, strict=True):
+      p.set_state(state["shards"][str(i)])
+
+  def close(self) -> None:
+    for p in self._parents:
+      p.close()
+
+
+# Settings the data stream depends on: the meta key, and the config key to name in errors.
+_STREAM_KEYS = {
+    "split": "the iterator split", "seed": "config.train.seed", "seq_len": "config.train.seq_len",
+    "global_batch": "config.train.global_batch", "loader_shards": "config.data.loader_shards",
+    "sources": "config.data.sources / eval_sources", "shuffle": "config.data.shuffle",
+    "packing": "config.data.packing", "packing_method": "config.data.packing_method",
+    "packing_bins": "config.data.packing_bins", "worker_count": "config.data.worker_count",
+}
+
+
+class DataIterator(grain.DatasetIterator):
+  """The rows of some loader shards, step by step; checkpointable per loader shard.
+
+  `shards` are the loader shards this iterator runs (ascending); each step gives their
+  `global_batch / loader_shards` rows each, concatenated in that order. `get_state` /
+  `set_state` (JSON-able dicts) hold one position per loader shard and the settings the stream
+  depends on, so restoring into an iterator made with other settings fails loudly.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, meta: dict, sources: list[Source]):
+  def __init__(self, parent: grain.DatasetIterator, meta: dict, sources: list[Source],
+               shards: tuple[int, ...]):
     super().__init__(parent)
     self.meta = meta
     self.sources = sources
-    self.process_index = meta["process_index"]
-    self.process_count = meta["process_count"]
+    self.shards = shards
+    self.owned = shards  # the loader shards whose position this process writes to checkpoints
     self._stats = {"batches": 0, "tokens": 0, "slots": 0}
     self._closed_once = False
     atexit.register(_close_if_alive, weakref.ref(self))  # stop prefetch threads before teardown
+
+  @property
+  def loader_shards(self) -> int:
+    return self.meta["loader_shards"]
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._parent)
@@ -221,16 +307,26 @@ class DataIterator(grain.DatasetIterator):
     return {**self._stats, "packing_efficiency": self.packing_efficiency}
 
   def get_state(self) -> dict[str, Any]:
-    return {"meta": self.meta, "stats": dict(self._stats), "pipeline": self._parent.get_state()}
+    """{"meta", "stats", "shards": {"j": position of loader shard j}}."""
+    return {"meta": self.meta, "stats": dict(self._stats),
+            "shards": self._parent.get_state()["shards"]}
+
+  def check_meta(self, saved: dict[str, Any], where: str = "the saved data state") -> None:
+    """Raises one line naming every stream setting that differs from `saved`."""
+    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r} ({_STREAM_KEYS.get(k, k)})"
+            for k, v in self.meta.items() if k in _STREAM_KEYS and saved.get(k) != v]
+    if diff:
+      raise ValueError(f"cannot continue the data stream of {where}: it was made with other "
+                       f"data settings ({'; '.join(diff)}); set them back to the saved values, "
+                       "or train in a new workdir")
 
   def set_state(self, state: dict[str, Any]) -> None:
-    diff = {k: (state["meta"].get(k), v) for k, v in self.meta.items()
-            if state["meta"].get(k) != v}
-    if diff:
-      raise ValueError("cannot restore the data iterator: it was saved with other settings "
-                       + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-    self._parent.set_state(state["pipeline"])
-    self._stats = dict(state["stats"])
+    self.check_meta(state["meta"])
+    missing = [j for j in self.shards if str(j) not in state["shards"]]
+    if missing:
+      raise ValueError(f"the saved data state has no position for loader shard(s) {missing}")
+    self._parent.set_state({"shards": {str(j): state["shards"][str(j)] for j in self.shards}})
+    self._stats = dict(state.get("stats", self._stats))
 
   def close(self) -> None:
     """Stops prefetch threads and worker processes (also done at exit)."""
@@ -258,16 +354,25 @@ def _noop() -> None:
   pass
 
 
+def loader_shard_count(data_cfg: Any, global_batch: int) -> int:
+  """`config.data.loader_shards` resolved (0 = one per row); it must divide the global batch."""
+  shards = int(data_cfg.get("loader_shards", 0)) or int(global_batch)
+  if shards < 1 or global_batch % shards:
+    divisors = [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if global_batch % d == 0]
+    raise ValueError(f"config.data.loader_shards={shards} must divide train.global_batch="
+                     f"{global_batch} (each loader shard gives global_batch / loader_shards rows "
+                     f"per step): use 0 (one per row) or a divisor such as {divisors[-1]}")
+  return shards
+
+
 def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: int,
-          process_index: int, process_count: int) -> DataIterator:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in [0, process_count="
-                     f"{process_count})")
-  if global_batch % process_count:
-    raise ValueError(f"global_batch={global_batch} is not divisible by process_count="
-                     f"{process_count}: each process loads global_batch // process_count rows")
+          shards: Sequence[int] | None) -> DataIterator:
   if seq_len < 1 or global_batch < 1:
-    raise ValueError(f"seq_len={seq_len} and global_batch={global_batch} must be >= 1")
+    raise ValueError(f"train.seq_len={seq_len} and train.global_batch={global_batch} must be >= 1")
+  count = loader_shard_count(data_cfg, global_batch)
+  shards = tuple(range(count)) if shards is None else tuple(sorted(int(j) for j in shards))
+  if not shards or not all(0 <= j < count for j in shards) or len(set(shards)) != len(shards):
+    raise ValueError(f"loader shards {list(shards)} are not distinct indices in [0, {count})")
   train = split == "train"
   spec = data_cfg.sources if train else (data_cfg.eval_sources or data_cfg.sources)
   setting = "config.data.sources" if train or not data_cfg.eval_sources else \
@@ -277,35 +382,38 @@ def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: i
   fingerprint = load_tokenizer(data_cfg.tokenizer).fingerprint
   sources = resolve_all(spec, want, setting=setting, fingerprint=fingerprint,
                         cache=data_cfg.get("cache_dir", ""))
-  rows = [_rows(s, i, data_cfg, seq_len=seq_len, seed=seed, train=train,
-                process_index=process_index, process_count=process_count)
-          for i, s in enumerate(sources)]
-  ds = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in sources])
-  ds = ds.batch(global_batch // process_count, drop_remainder=True).map(_finalize)
+  per_shard = {}
+  for j in shards:
+    rows = [_rows(s, i, j, count, data_cfg, seq_len=seq_len, seed=seed, train=train)
+            for i, s in enumerate(sources)]
+    ds = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in sources])
+    per_shard[j] = ds.batch(global_batch // count, drop_remainder=True)
+  ds = _ConcatShards(per_shard).map(_finalize)
   if data_cfg.prefetch > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=data_cfg.prefetch)
   meta = {"split": split, "seed": seed, "seq_len": seq_len, "global_batch": global_batch,
-          "process_index": process_index, "process_count": process_count, "sources": spec,
-          "shuffle": bool(data_cfg.shuffle), "packing": bool(data_cfg.packing),
-          "worker_count": int(data_cfg.worker_count)}
-  return DataIterator(iter(ds), meta, sources)
+          "loader_shards": count, "sources": spec, "shuffle": bool(data_cfg.shuffle),
+          "packing": bool(data_cfg.packing), "packing_method": str(data_cfg.packing_method),
+          "packing_bins": int(data_cfg.packing_bins), "worker_count": int(data_cfg.worker_count)}
+  return DataIterator(iter(ds), meta, sources, shards)
 
 
 def make_train_iterator(data_cfg: Any, *, seq_len: int, global_batch: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> DataIterator:
-  """Infinite training batches: this process's `[global_batch // process_count, seq_len]` share.
+                        shards: Sequence[int] | None = None) -> DataIterator:
+  """Infinite training batches: the rows of loader shards `shards` (default all) of each step.
 
-  `next()` gives int32 `tokens`, `targets`, `positions`, `segment_ids` (1.. per packed
-  document, 0 = padding) and float32 `loss_weights`.
+  With all shards that is the whole `[global_batch, seq_len]` batch; `maxgemma.feed` chooses a
+  process's shards. `next()` gives int32 `tokens`, `targets`, `positions`, `segment_ids`
+  (1.. per packed document, 0 = padding) and float32 `loss_weights`.
   """
   return _make(data_cfg, split="train", seq_len=seq_len, global_batch=global_batch, seed=seed,
-               process_index=process_index, process_count=process_count)
+               shards=shards)
 
 
 def make_eval_iterator(data_cfg: Any, *, seq_len: int, global_batch: int, seed: int,
-                       process_index: int = 0, process_count: int = 1) -> DataIterator:
+                       shards: Sequence[int] | None = None) -> DataIterator:
   """Eval batches (same format), unshuffled and repeating: `config.data.eval_sources`, or the
   eval split of `config.data.sources` when that is empty. A fresh iterator gives the same
   batches, so make one per evaluation."""
   return _make(data_cfg, split="eval", seq_len=seq_len, global_batch=global_batch, seed=seed,
-               process_index=process_index, process_count=process_count)
+               shards=shards)

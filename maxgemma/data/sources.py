@@ -12,7 +12,12 @@ from maxgemma.data import records
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One mixture component: shards of one kind, dtype and tokenizer, with a sampling weight."""
+  """One mixture component: shards of one kind, dtype and tokenizer, with a sampling weight.
+
+  `paths` are where the shard files live (local, or `gs://` URLs); `local_path(f)` gives a local
+  file to open, fetching a remote shard into the verified cache the first time it is asked for,
+  so a host only downloads the files its loader shards read.
+  """
   spec: str
   weight: float
   paths: tuple[str, ...]
@@ -21,6 +26,18 @@ class Source:
   tokenizer_fingerprint: str
   manifests: tuple[str, ...]
   documents: int
+  file_documents: tuple[int, ...] = ()  # records per file of `paths`, from the manifests
+  file_bytes: tuple[int, ...] = ()
+  file_sha256: tuple[str, ...] = ()
+  cache: str = ""
+
+  def local_path(self, f: int) -> str:
+    """A local file holding shard file `f` (a verified cached copy when it is remote)."""
+    p = self.paths[f]
+    if not storage.is_remote(p):
+      return p
+    return storage.cached_copy(p, size=self.file_bytes[f], sha256=self.file_sha256[f],
+                               cache=self.cache)
 
 
 def demo_dir() -> str:
@@ -65,16 +82,10 @@ def _glob(pattern: str, setting: str) -> list[str]:
   return sorted(str(p) for p in storage.path(parent).glob(name))
 
 
-def _local_copies(paths: list[str], shards: dict[str, dict], cache: str) -> list[str]:
-  """`paths`, with every remote shard replaced by its verified copy in the local cache."""
-  return [storage.cached_copy(p, size=shards[p]["bytes"], sha256=shards[p]["sha256"], cache=cache)
-          if storage.is_remote(p) else p for p in paths]
-
-
 def resolve(pattern: str, weight: float, split: str, *, setting: str, cache: str = "") -> Source:
   """The shards a source names: a prepared directory (its `split` shards) or a shard glob.
 
-  Sources in Cloud Storage are copied (once, verified) into the local cache `cache`."""
+  Shards in Cloud Storage are fetched lazily (`Source.local_path`) into the local cache `cache`."""
   pattern = pattern or demo_dir()
   if storage.path(pattern).is_dir():
     by_dir = {pattern: _shards_of(pattern, split)}
@@ -108,13 +119,16 @@ def resolve(pattern: str, weight: float, split: str, *, setting: str, cache: str
                         if split == "eval" else ""))
   shards = {os.path.join(d, s["file"]): s for d, (m, _) in by_dir.items() for s in m["shards"]}
   docs = sum(shards[p]["documents"] for p in paths)
-  return Source(spec=pattern, weight=weight,
-                paths=tuple(_local_copies(paths, shards, storage.cache_dir(cache))),
+  return Source(spec=pattern, weight=weight, paths=tuple(paths),
                 kind=manifests[0]["kind"],
                 token_dtype=manifests[0]["token_dtype"],
                 tokenizer_fingerprint=manifests[0]["tokenizer"]["fingerprint"],
                 manifests=tuple(os.path.join(d, records.MANIFEST) for d in by_dir),
-                documents=docs)
+                documents=docs,
+                file_documents=tuple(int(shards[p]["documents"]) for p in paths),
+                file_bytes=tuple(int(shards[p]["bytes"]) for p in paths),
+                file_sha256=tuple(str(shards[p]["sha256"]) for p in paths),
+                cache=storage.cache_dir(cache))
 
 
 def resolve_all(spec: str, split: str, *, setting: str, fingerprint: str | None,

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 
 from maxgemma import config as config_lib
-from maxgemma import distributed, metrics, optim, sharding, storage
+from maxgemma import distributed, feed, metrics, optim, sharding, storage
 from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
@@ -59,13 +59,9 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_batch(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  B, k = cfg.train.global_batch, cfg.optim.grad_accum_steps
-  if B % dp or B % k or (B // k) % dp:
-    raise ValueError(f"train.global_batch ({B}) must be divisible by the data-parallel size "
-                     f"data x fsdp = {dp} (and by optim.grad_accum_steps ({k}) into micro-batches "
-                     f"that still are); try train.global_batch={dp * k * max(1, B // (dp * k))}")
+def _feed_plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> feed.FeedPlan:
+  shards = pipeline.loader_shard_count(cfg.data, cfg.train.global_batch)
+  return feed.plan(mesh, cfg.train.global_batch, shards, cfg.optim.grad_accum_steps)
 
 
 def _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt: Checkpointer, data_iter,
@@ -76,14 +72,12 @@ def _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt: Checkpoint
   meta = ckpt.meta(latest)
   if meta.get("model"):
     check_same_architecture(model_config_from_dict(meta["model"]), model_cfg, workdir)
-  data_args = data_ckpt.data_restore_args(data_iter)
-  if not data_ckpt.saved_for(data_iter, str(ckpt.directory / str(latest) / "data")):
-    # Saved by another number of processes: the state reshards, the data position cannot.
-    logging.warning("checkpoint %d holds no data position for process %d of %d (saved with "
-                    "another process count): parameters and optimizer state are restored, the "
-                    "data order starts again from the seed", latest, jax.process_index(),
-                    jax.process_count())
-    data_args = None
+  data_args = None
+  if (ckpt.directory / str(latest) / data_ckpt.ITEM).exists():
+    # Any process count resumes the stream: positions are per loader shard. Checked first, so
+    # other data settings are refused before anything is restored.
+    data_ckpt.check_saved(data_iter, str(ckpt.directory / str(latest) / data_ckpt.ITEM))
+    data_args = data_ckpt.data_restore_args(data_iter)
   restored = ckpt.restore(latest, abstract, shardings, data_args=data_args)
   if "opt_state" not in restored:  # imported weights: a fresh optimizer on the restored params
     restored["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
@@ -94,14 +88,13 @@ def _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt: Checkpoint
   return restored
 
 
-def _evaluate(cfg, eval_step, params, mesh) -> float:
+def _evaluate(cfg, eval_step, params, mesh, plan: feed.FeedPlan) -> float:
   it = pipeline.make_eval_iterator(cfg.data, seq_len=cfg.train.seq_len,
                                    global_batch=cfg.train.global_batch, seed=cfg.train.seed,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   shards=plan.shards_of(jax.process_index()))
   nll, weight = 0.0, 0.0
   for _ in range(cfg.train.eval_steps):
-    out = eval_step(params, sharding.global_batch(next(it), mesh))
+    out = eval_step(params, feed.global_batch(next(it), plan, mesh))
     nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
   return nll / max(weight, 1.0)
 
@@ -133,14 +126,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("config:\n%s", cfg)
 
   mesh = sharding.make_mesh(cfg.mesh)
-  _check_batch(cfg, mesh)
+  plan = _feed_plan(cfg, mesh)
+  logging.info("%s", plan.describe())
   total = int(cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, total)
   schedule = optim.learning_rate_schedule(cfg.optim, total)
   abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
   data_iter = pipeline.make_train_iterator(
       cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
-      seed=cfg.train.seed, process_index=jax.process_index(), process_count=jax.process_count())
+      seed=cfg.train.seed, shards=plan.shards_of(jax.process_index()))
+  data_iter.owned = plan.owned_by(jax.process_index())
   ckpt = Checkpointer(workdir, cfg.checkpoint)
   state = _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt, data_iter, workdir)
   start = int(jax.device_get(state["step"]))
@@ -181,14 +176,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       for step in range(start, total):
         if profile and step == profile[0]:
           trace_dir = _start_trace(workdir)
-        batch = sharding.global_batch(next(data_iter), mesh)
+        batch = feed.global_batch(next(data_iter), plan, mesh)
         state, step_metrics = train_step(state, batch)
         buffer.push(step + 1, step_metrics)
         if profile and step + 1 == profile[1]:
           _stop_trace(trace_dir, workdir)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-          writer.write(done, {"eval_loss": _evaluate(cfg, eval_step, state["params"], mesh)})
+          writer.write(done, {"eval_loss": _evaluate(cfg, eval_step, state["params"], mesh, plan)})
         preempted = preemption.reached(done)
         if done % cfg.checkpoint.every == 0 or done == total or preempted:
           buffer.flush()  # never checkpoint past a step whose metrics were not checked
