@@ -74,7 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=0, eval_steps=4, profile_steps="",  # "START:STOP" traces that step range
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every=100, keep_last=3, keep_every=0,
-                                                async_save=True))
+                                                async_save=True,
+                                                lock_stale_s=120.0))  # gs:// run lock lease
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, tensorboard=True,
                                              peak_flops_per_device=0.0))  # 0: measured/known
   c.distributed = ml_collections.ConfigDict(dict(
