@@ -6,7 +6,7 @@ hold the same rows (a tensor or fsdp group spanning hosts) load the same rows. `
 out from the mesh alone, so it runs on the real device-to-host map of a TPU topology (AOT) as well
 as on the live job, and refuses layouts the loader shards cannot feed:
 
-  plan = feed.plan(mesh, global_batch=512, loader_shards=0)
+  plan = feed.for_config(cfg, mesh)
   it = pipeline.make_train_iterator(cfg.data, ..., shards=plan.shards_of(jax.process_index()))
   batch = feed.global_batch(next(it), plan, mesh)
 """
@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from maxgemma import sharding
+from maxgemma.data import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,13 @@ def plan(mesh: Mesh, global_batch: int, loader_shards: int, grad_accum_steps: in
       owner.setdefault(j, p)
   return FeedPlan(B, S, data_parallel_size(mesh), {p: tuple(sorted(r)) for p, r in rows.items()},
                   shards, owner)
+
+
+def for_config(cfg: Any, mesh: Mesh) -> FeedPlan:
+  """`plan` for a whole config: `train.global_batch`, `data.loader_shards`, grad accumulation."""
+  B = int(cfg.train.global_batch)
+  return plan(mesh, B, pipeline.loader_shard_count(cfg.data, B),
+              int(cfg.optim.get("grad_accum_steps", 1)))
 
 
 def _needed_shards(rows: dict[int, set[int]], global_batch: int) -> int:
