@@ -38,7 +38,6 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )

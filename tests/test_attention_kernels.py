@@ -5,12 +5,19 @@ only when a GPU is present (skipped otherwise). "splash" runs here in Pallas int
 same kernel code, interpreted on CPU); on a TPU it is compiled (see also the AOT test).
 """
 
+import ast
+import pathlib
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from maxgemma.model import attention, attention_kernels, presets
+from maxgemma import sharding
+from maxgemma.model import attention_kernels, attention_reference, presets
+from maxgemma.model.attention_reference import GLOBAL_WINDOW
 from maxgemma.model.gemma import Transformer
 
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices()) if jax.default_backend() == "gpu" \
@@ -34,22 +41,24 @@ def _inputs(B=2, L=256, N=4, K=2, H=64, dtype=jnp.float32, seed=0, packed=True):
 def _reference(q, k, v, seg, window, softcap):
   B, L = seg.shape
   idx = jnp.broadcast_to(jnp.arange(L), (B, L))
-  mask = attention.attention_mask(idx, idx, seg, seg, window)
-  return attention.dot_product_attention(q, k, v, mask, softcap=softcap)
+  mask = attention_reference.attention_mask(idx, idx, seg, seg, window)
+  return attention_reference.masked_attention(q, k, v, mask, softcap=softcap)
 
 
 CASES = {  # name: (N, K, window, softcap)
-    "causal_gqa": (4, 2, None, None),
-    "causal_mqa": (4, 1, None, None),
-    "causal_mha": (2, 2, None, None),
+    "causal_gqa": (4, 2, GLOBAL_WINDOW, None),
+    "causal_mqa": (4, 1, GLOBAL_WINDOW, None),
+    "causal_mha": (2, 2, GLOBAL_WINDOW, None),
     "window_gqa": (4, 2, 48, None),
     "softcap_window": (4, 2, 48, 50.0),
-    "softcap_causal_mqa": (4, 1, None, 30.0),
+    "softcap_causal_mqa": (4, 1, GLOBAL_WINDOW, 30.0),
 }
+# jax.nn.dot_product_attention has no soft-cap: those cases are checked as a fallback instead.
+KERNEL_CASES = [(impl, case) for impl in ("dot_product", "splash") for case in CASES
+                if not (impl == "dot_product" and CASES[case][3] is not None)]
 
 
-@pytest.mark.parametrize("impl", ["dot_product", "splash"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("impl,case", KERNEL_CASES)
 def test_impl_equals_reference(impl, case):
   N, K, window, softcap = CASES[case]
   q, k, v, seg = _inputs(N=N, K=K)
@@ -57,6 +66,28 @@ def test_impl_equals_reference(impl, case):
   got = attention_kernels.attend(q, k, v, impl=impl, segment_ids_BL=seg, window=window,
                                  softcap=softcap, interpret=True)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] is not None])
+def test_dot_product_softcap_falls_back(case, caplog, monkeypatch):
+  """With a soft-cap, "dot_product" never calls jax.nn.dot_product_attention (which would drop
+  the cap) and says so; the result is the capped reference, not the uncapped one."""
+  N, K, window, softcap = CASES[case]
+  q, k, v, seg = _inputs(N=N, K=K)
+  uncapped = _reference(q, k, v, seg, window, None)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("jax.nn.dot_product_attention called with a soft-cap")
+
+  monkeypatch.setattr(attention_kernels, "_logged", set())
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refuse)
+  with caplog.at_level("WARNING"):
+    got = attention_kernels.attend(q, k, v, impl="dot_product", segment_ids_BL=seg,
+                                   window=window, softcap=softcap)
+  assert "no logit soft-capping" in caplog.text
+  np.testing.assert_allclose(np.asarray(got), np.asarray(_reference(q, k, v, seg, window,
+                                                                    softcap)), atol=1e-6)
+  assert np.abs(np.asarray(got) - np.asarray(uncapped)).max() > 1e-4  # the cap is applied
 
 
 @pytest.mark.parametrize("impl", ["dot_product", "splash"])
@@ -81,11 +112,11 @@ def test_gradients_equal_reference(impl):
 def test_traced_window_switch(impl):
   """A traced per-layer window (the scan's) picks the matching static branch."""
   q, k, v, seg = _inputs(L=128)
-  windows = (32, None)
+  windows = (32, GLOBAL_WINDOW)
   fn = jax.jit(lambda w: attention_kernels.attend(q, k, v, impl=impl, segment_ids_BL=seg,
                                                   window=w, windows=windows, interpret=True))
-  for w in (32, attention.GLOBAL_WINDOW):
-    expected = _reference(q, k, v, seg, None if w == attention.GLOBAL_WINDOW else w, None)
+  for w in windows:
+    expected = _reference(q, k, v, seg, w, None)
     np.testing.assert_allclose(np.asarray(fn(jnp.int32(w))), np.asarray(expected), atol=2e-5)
 
 
@@ -93,8 +124,10 @@ def test_splash_off_tpu_falls_back(caplog):
   """Without interpret mode off a TPU, splash logs why and computes the reference."""
   q, k, v, seg = _inputs(L=128)
   with caplog.at_level("WARNING"):
-    got = attention_kernels.attend(q, k, v, impl="splash", segment_ids_BL=seg, window=None)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(_reference(q, k, v, seg, None, None)),
+    got = attention_kernels.attend(q, k, v, impl="splash", segment_ids_BL=seg,
+                                   window=GLOBAL_WINDOW)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(_reference(q, k, v, seg, GLOBAL_WINDOW,
+                                                                    None)),
                              atol=1e-6)
   assert "TPU only" in caplog.text or jax.default_backend() == "tpu"
 
@@ -112,6 +145,88 @@ def test_model_logits_equal_reference(impl, preset, scan):
   ref = Transformer(cfg).apply({"params": params}, tokens, pos, seg)
   got = Transformer(cfg.replace(attention_impl=impl)).apply({"params": params}, tokens, pos, seg)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
+
+
+def _mesh(data, fsdp, tensor):
+  devices = np.array(jax.devices()[:data * fsdp * tensor]).reshape(data, fsdp, tensor)
+  return jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
+
+
+@pytest.mark.parametrize("shape,expected", [
+    ((4, 128, 4, 64), P(("data", "fsdp"), None, "tensor", None)),
+    ((2, 128, 4, 64), P(None, None, "tensor", None)),  # batch 2 does not split 4 ways
+    ((4, 128, 3, 64), P(("data", "fsdp"), None, None, None)),  # 3 heads do not split 2 ways
+])
+def test_splash_specs_follow_the_rules(shape, expected):
+  """The splash shard_map specs are the rules' act_batch / act_heads axes, as far as they fit."""
+  mesh = _mesh(2, 2, 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    got = attention_kernels.shard_spec(("act_batch", None, "act_heads", None), shape, mesh)
+  assert got == expected
+  with jax.set_mesh(_mesh(2, 1, 1)), nn.logical_axis_rules(sharding.RULES):
+    got = attention_kernels.shard_spec(("act_batch", None, "act_heads", None), shape,
+                                       _mesh(2, 1, 1))
+  assert got == P("data", None, None, None)  # size-1 axes dropped
+
+
+@pytest.mark.parametrize("K", [2, 1])
+def test_splash_sharded_equals_reference(K):
+  """Splash (interpret mode) in its shard_map over a data x fsdp x tensor mesh, key/value heads
+  split (K=2) or repeated (K=1), equals the reference."""
+  q, k, v, seg = _inputs(B=4, L=128, N=4, K=K)
+  mesh = _mesh(2, 2, 2)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    got = jax.jit(lambda q, k, v, s: attention_kernels.attend(
+        q, k, v, impl="splash", segment_ids_BL=s, window=48, interpret=True))(q, k, v, seg)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(_reference(q, k, v, seg, 48, None)),
+                             atol=2e-5, rtol=2e-5)
+
+
+MODEL_DIR = pathlib.Path(attention_kernels.__file__).parent
+
+
+def test_model_names_no_mesh_axis():
+  """No string literal under maxgemma/model/ is a mesh-axis name: the model speaks logical axes."""
+  found = [f"{path.name}:{node.lineno} {node.value!r}" for path in sorted(MODEL_DIR.glob("*.py"))
+           for node in ast.walk(ast.parse(path.read_text()))
+           if isinstance(node, ast.Constant) and node.value in sharding.MESH_AXES]
+  assert not found, f"mesh-axis names in the model: {found}; use logical axes and the rules"
+
+
+def test_every_rule_is_used_by_the_model():
+  """Each logical axis of sharding.RULES is named somewhere under maxgemma/model/."""
+  literals = {node.value for path in MODEL_DIR.glob("*.py")
+              for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)}
+  unused = [name for name, _ in sharding.RULES if name not in literals]
+  assert not unused, f"sharding.RULES rows no model code names: {unused}; drop them"
+
+
+def test_model_imports_form_no_cycle():
+  """The modules of maxgemma/model/ import each other in one direction only."""
+  names = {p.stem for p in MODEL_DIR.glob("*.py")}
+  graph = {}
+  for path in MODEL_DIR.glob("*.py"):
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == "maxgemma.model":
+        deps |= {a.name for a in node.names if a.name in names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("maxgemma.model."):
+        deps.add(node.module.rsplit(".", 1)[1])
+    graph[path.stem] = deps
+  done, active = set(), []
+
+  def visit(name):
+    if name in active:
+      raise AssertionError(f"import cycle: {' -> '.join(active[active.index(name):] + [name])}")
+    if name not in done:
+      active.append(name)
+      for dep in graph.get(name, ()):
+        visit(dep)
+      active.pop()
+      done.add(name)
+
+  for name in graph:
+    visit(name)
 
 
 @needs_gpu

@@ -14,52 +14,31 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from maxgemma.model import kv_cache
+from maxgemma.model import attention_kernels, kv_cache
+from maxgemma.model.attention_reference import GLOBAL_WINDOW, masked_attention
 from maxgemma.model.layers import Einsum, RMSNorm, dense_init
 from maxgemma.model.rope import apply_rope
 
 Array = jax.Array
-# A window no sequence reaches: what global layers use when the window is a traced per-layer value.
-GLOBAL_WINDOW = 2**30
-
-
-def attention_mask(q_pos_BL: Array, k_pos_BS: Array, q_seg_BL: Array, k_seg_BS: Array,
-                   window: Array | int | None = None) -> Array:
-  """[B, L, S] bool: causal, same segment and, with a window, `q_pos - k_pos < window`."""
-  delta_BLS = q_pos_BL[:, :, None] - k_pos_BS[:, None, :]
-  mask_BLS = (delta_BLS >= 0) & (q_seg_BL[:, :, None] == k_seg_BS[:, None, :])
-  if window is not None:
-    mask_BLS &= delta_BLS < window
-  return mask_BLS
 
 
 def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS: Array | None,
                           *, softcap: float | None = None, impl: str = "xla",
-                          segment_ids_BL: Array | None = None, window=None,
-                          windows: tuple[int | None, ...] = (None,)) -> Array:
+                          segment_ids_BL: Array | None = None,
+                          window: Array | int = GLOBAL_WINDOW,
+                          windows: tuple[int, ...] = (GLOBAL_WINDOW,)) -> Array:
   """softmax(q k^T [soft-capped], masked) v, returning [B, L, N, H]; q must be pre-scaled.
 
-  "xla" uses the dense `mask_BLS`. The kernels ("dot_product", "splash": `attention_kernels`)
-  take causal self-attention within `segment_ids_BL` and the layer's `window` instead
-  (`mask_BLS` None); given a dense mask (decoding) they use this reference.
+  "xla" uses the dense `mask_BLS` (`attention_reference.masked_attention`). The kernels
+  ("dot_product", "splash": `attention_kernels`) take causal self-attention within
+  `segment_ids_BL` and the layer's `window` instead (`mask_BLS` None); given a dense mask
+  (decoding) they use the reference.
   """
   if impl != "xla" and mask_BLS is None:
-    from maxgemma.model import attention_kernels  # it imports this module
-
     return attention_kernels.attend(q_BLNH, k_BSKH, v_BSKH, impl=impl,
                                     segment_ids_BL=segment_ids_BL, window=window,
                                     windows=windows, softcap=softcap)
-  B, L, N, H = q_BLNH.shape
-  K = k_BSKH.shape[2]
-  q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
-  logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
-                            preferred_element_type=jnp.float32)
-  if softcap is not None:
-    logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
-  logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, jnp.finfo(jnp.float32).min)
-  probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
-  out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
-  return out_BLKGH.reshape(B, L, N, H)
+  return masked_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=softcap)
 
 
 class Attention(nn.Module):
@@ -74,7 +53,7 @@ class Attention(nn.Module):
   use_qk_norm: bool = False
   norm_eps: float = 1e-6
   impl: str = "xla"
-  windows: tuple[int | None, ...] = (None,)  # the model's distinct windows (kernel impls)
+  windows: tuple[int, ...] = (GLOBAL_WINDOW,)  # the model's distinct windows (kernel impls)
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
 
@@ -82,7 +61,7 @@ class Attention(nn.Module):
   def __call__(self, x_BLD: Array, positions_BL: Array, mask_BLS: Array | None,
                rope_base: Array | float, rope_scale: Array | float,
                cache: kv_cache.Cache | None = None, segment_ids_BL: Array | None = None,
-               window=None) -> Array | tuple[Array, kv_cache.Cache]:
+               window: Array | int = GLOBAL_WINDOW) -> Array | tuple[Array, kv_cache.Cache]:
     """[B, L, D] -> [B, L, D]; with a `cache` (decoding) also returns the updated cache.
 
     With a cache, `mask_BLS` covers the cached slots then the new tokens ([B, L, C + L], see

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from maxgemma.model.attention_reference import GLOBAL_WINDOW
+
 LayerType = Literal["global", "local"]
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj",
@@ -71,9 +73,10 @@ class ModelConfig:
     p = self.attention_pattern
     return tuple(p[i % len(p)] for i in range(self.num_layers))
 
-  def layer_windows(self) -> tuple[int | None, ...]:
-    """Each layer's sliding window (None for global layers)."""
-    return tuple(self.sliding_window if t == "local" else None for t in self.layer_types())
+  def layer_windows(self) -> tuple[int, ...]:
+    """Each layer's attention window (`GLOBAL_WINDOW` for global layers)."""
+    return tuple(self.sliding_window if t == "local" else GLOBAL_WINDOW
+                 for t in self.layer_types())
 
   def replace(self, **changes) -> ModelConfig:
     """A copy with fields changed; unknown names get an error listing the valid ones."""

@@ -15,7 +15,8 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from maxgemma.model import kv_cache
-from maxgemma.model.attention import GLOBAL_WINDOW, Attention, attention_mask
+from maxgemma.model.attention import Attention
+from maxgemma.model.attention_reference import attention_mask
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.layers import Embedder, FeedForward, RMSNorm
 
@@ -64,7 +65,7 @@ class Block(nn.Module):
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         d_model=cfg.d_model, query_scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl,
-        windows=tuple(sorted(set(cfg.layer_windows()), key=lambda w: w or GLOBAL_WINDOW)),
+        windows=tuple(sorted(set(cfg.layer_windows()))),
         dtype=dtype, param_dtype=pdtype, name="attn",
     )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"], cache=cache,
       segment_ids_BL=segment_ids_BL, window=layer_xs["window"])
@@ -89,9 +90,8 @@ def layer_constants(cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Per-layer values the scan feeds each block: window, RoPE base and RoPE scale."""
   types = cfg.layer_types()
   local = np.array([t == "local" for t in types])
-  window = np.where(local, cfg.sliding_window or GLOBAL_WINDOW, GLOBAL_WINDOW)
   return {
-      "window": window.astype(np.int32),
+      "window": np.array(cfg.layer_windows(), np.int32),
       "rope_base": np.where(local, cfg.rope_local_base, cfg.rope_global_base).astype(np.float32),
       "rope_scale": np.where(local, cfg.rope_local_scale, cfg.rope_global_scale
                              ).astype(np.float32),
