@@ -19,7 +19,7 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
   c.model.remat_policy = "full"
   c.train.seq_len = 8192
-  # 6 rows per fsdp group (786k tokens): peak 12.6 GiB per chip; 112 does not fit (docs/aot.md).
+  # 6 rows per fsdp group (786k tokens) fit in HBM; 7 (112) do not (docs/aot.md).
   c.train.global_batch = 96
   c.train.loss_chunk = 1024  # no [B, 8192, 256128] float32 logits
   c.mesh.ici_data = 1
