@@ -54,8 +54,8 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "full"
   attention_impl: str = "xla"
-  # Feed-forward and logits matmuls on [B*L, D] instead of [B, L, D]: plain 2-D matmuls, 1.4x
-  # faster steps on XLA:CPU; off for TPU pods (the 2B two-pod program's peak HBM rose 2 GiB).
+  # Feed-forward and logits matmuls on [B*L, D] instead of [B, L, D]: plain 2-D matmuls, faster
+  # on XLA:CPU; off for TPU pods, where some layouts need more HBM (docs/performance.md).
   flatten_matmuls: bool = False
 
   @property

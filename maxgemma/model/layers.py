@@ -32,10 +32,9 @@ def einsum(spec: str, x: Array, w: Array, **kwargs) -> Array:
 
   The dims that lead `x`, are absent from `w` and appear together, in order, in the output (B and
   L of "BLD,DF->BLF") become one dimension. Same arithmetic; but XLA:CPU then emits plain 2-D
-  matmuls (its backward otherwise contracts over B and L at once through a transposing copy):
-  2x faster for the GeGLU block's forward + backward on CPU, 1.4x for a whole cpu-small step.
-  The feed-forward and the output logits use it when `ModelConfig.flatten_matmuls` is set (on TPU
-  it can cost memory: docs/performance.md).
+  matmuls (its backward otherwise contracts over B and L at once through a transposing copy).
+  The feed-forward and the output logits use it when `ModelConfig.flatten_matmuls` is set (the
+  CPU gain and the TPU memory cost are in docs/performance.md).
   """
   inputs, out = spec.split("->")
   xs, ws = inputs.split(",")
