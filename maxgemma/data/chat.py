@@ -1,4 +1,4 @@
-"""The Gemma chat template: `<start_of_turn>ROLE\\n...<end_of_turn>\\n` turns (REFERENCE.md s3)."""
+"""The Gemma chat template: `<start_of_turn>ROLE\\n...<end_of_turn>\\n` turns."""
 
 from __future__ import annotations
 

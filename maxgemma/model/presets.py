@@ -1,6 +1,6 @@
 """Named model configurations: the published Gemma models and tiny ones for tests.
 
-Sizes follow shared/REFERENCE.md section 1, checked against the `transformers` config classes.
+Sizes follow the Gemma technical reports, checked against the `transformers` config classes.
 Embedding rows are those of the official checkpoints (256,128 for Gemma 1/2); `vocab_size=256_000`
 gives the Hugging Face checkpoints' counts.
 """
