@@ -68,7 +68,9 @@ def test_bucket_sources_are_cached_and_globbed(gcs, tmp_path):
   local = sources.resolve("", 1.0, "train", setting="s")
   assert by_dir.documents == by_glob.documents == local.documents
   assert by_dir.paths == by_glob.paths
-  for cached, original in zip(by_dir.paths, local.paths, strict=True):
+  assert not os.listdir(tmp_path)  # nothing is fetched before a loader shard reads it
+  for f, original in enumerate(local.paths):
+    cached = by_dir.local_path(f)
     assert cached.startswith(str(tmp_path))
     assert open(cached, "rb").read() == open(original, "rb").read()
   with pytest.raises(ValueError, match="only the file name may hold wildcards"):
@@ -178,6 +180,27 @@ def test_two_processes_checkpoint_to_a_bucket_and_resume(gcs, tmp_path):
   assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # process 0 writes, once
 
 
+def test_a_host_fetches_only_the_shard_files_its_loader_shards_read(gcs, tmp_path):
+  """9 shard files, 3 loader shards: loader shard 1 reads files 1, 4, 7 and fetches no other."""
+  from maxgemma.config import base_config  # noqa: PLC0415
+  from maxgemma.data import pipeline, prepare  # noqa: PLC0415
+
+  corpus = os.path.join(sources.demo_dir(), "corpus.jsonl")
+  assert prepare.main(["--input", corpus, f"--output={tmp_path / 'multi'}", "--unit_mb=0.1",
+                       "--workers=1", "--quiet"]) == 0
+  files = sorted(f for f in os.listdir(tmp_path / "multi") if f.endswith(".array_record"))
+  assert len(files) == 9
+  storage.upload_tree(str(tmp_path / "multi"), f"{B}/multi")
+  cfg = base_config().data
+  cfg.sources, cfg.cache_dir, cfg.loader_shards = f"{B}/multi", str(tmp_path / "cache"), 3
+  it = pipeline.make_train_iterator(cfg, seq_len=64, global_batch=6, seed=0, shards=[1])
+  for _ in range(40):  # its first read group of 64 documents already spans its 3 files
+    next(it)
+  it.close()
+  fetched = sorted(f for _, _, fs in os.walk(tmp_path / "cache") for f in fs)
+  assert fetched == [files[1], files[4], files[7]]
+
+
 def test_prepare_into_a_bucket(gcs, tmp_path, monkeypatch):
   """Prepared locally, uploaded with the manifest last; the same shards as a local prepare."""
   from maxgemma.data import prepare  # noqa: PLC0415
@@ -190,8 +213,8 @@ def test_prepare_into_a_bucket(gcs, tmp_path, monkeypatch):
   remote = sources.resolve(f"{B}/prepared", 1.0, "train", setting="s", cache=str(tmp_path / "c"))
   local = sources.resolve(str(tmp_path / "local"), 1.0, "train", setting="s")
   assert remote.documents == local.documents > 0
-  for r, x in zip(remote.paths, local.paths, strict=True):
-    assert open(r, "rb").read() == open(x, "rb").read()
+  for f, x in enumerate(local.paths):
+    assert open(remote.local_path(f), "rb").read() == open(x, "rb").read()
   assert prepare.main([*args, f"--output={B}/prepared"]) == 0  # finished: nothing redone
   monkeypatch.setenv("MAXGEMMA_CACHE", str(tmp_path / "other-machine"))
   assert prepare.main([*args, f"--output={B}/prepared"]) == 2  # would replace another's dataset
