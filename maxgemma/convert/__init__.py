@@ -1,1 +1,1 @@
-"""Name maps between maxgemma's parameter tree and other checkpoint formats."""
+"""Checkpoint formats (one name map each) and the readers and writers export and import use."""
