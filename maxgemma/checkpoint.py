@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from maxgemma import storage
+from maxgemma.config import base_config
 from maxgemma.model.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -70,8 +71,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, ckpt_cfg: ml_collections.ConfigDict | None = None, *,
                read_only: bool = False):
-    ckpt_cfg = ckpt_cfg or ml_collections.ConfigDict(dict(keep_last=3, keep_every=0,
-                                                          async_save=True))
+    """`ckpt_cfg` is `config.checkpoint`; None takes `base_config().checkpoint`."""
+    ckpt_cfg = base_config().checkpoint if ckpt_cfg is None else ckpt_cfg
     self.directory = epath.Path(storage.absolute(workdir)) / CHECKPOINT_DIR  # orbax: absolute
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(ckpt_cfg.keep_last) or None,

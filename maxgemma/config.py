@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       ici_data=-1, ici_fsdp=1, ici_tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
       shard_params=True,  # ZeRO-3: parameters (not only optimizer state) sharded over fsdp
+      host_block="",  # CPU processes only: "FxT" lays each process's devices as an F x T block of
+      # the fsdp x tensor grid, as a TPU host's chips sit in the torus (launch.local rehearsals)
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -66,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       decay_steps=config_dict.placeholder(int),  # None: train.steps
       end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       moments_dtype="float32", grad_accum_steps=1, z_loss=0.0,
+      decay_embeddings=False,  # True: weight decay on the input embedding too
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -1,7 +1,9 @@
 """The optimizer: learning-rate schedules and AdamW with clipping, a decay mask and bf16 moments.
 
 Both functions read `config.optim` (an `ml_collections.ConfigDict`, any object with those
-attributes, or a plain dict). Gradient accumulation is the train step's job, not the optimizer's.
+attributes, or a plain dict) and keep no defaults of their own: every key comes from the config,
+whose defaults are `maxgemma.config.base_config()`. Gradient accumulation is the train step's job,
+not the optimizer's.
 
 Learning rate at optimizer step `t` (the count of updates already applied, starting at 0), with
 `lr = learning_rate`, `w = warmup_steps`, `d = decay_steps` (unset: `total_steps`),
@@ -32,25 +34,35 @@ MOMENTS_DTYPES = ("float32", "bfloat16")
 _EMBEDDING_NAMES = ("input_embedding",)
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  """`cfg.name` for a ConfigDict/object or `cfg[name]` for a mapping, else `default`."""
+_MISSING = object()
+
+
+def _get(cfg: Any, name: str, *, may_be_none: bool = False) -> Any:
+  """`cfg.name` for a ConfigDict/object or `cfg[name]` for a mapping; missing (or None, unless
+  `may_be_none`) is an error."""
   if isinstance(cfg, Mapping):
-    value = cfg.get(name, default)
+    value = cfg.get(name, _MISSING)
   else:
     try:
       value = getattr(cfg, name)
     except (AttributeError, KeyError):
-      value = default
-  return default if value is None else value
+      value = _MISSING
+  if value is _MISSING:
+    raise ValueError(f"optim.{name} is missing from the optimizer config; start the config from "
+                     "maxgemma.config.base_config(), which holds every default")
+  if value is None and not may_be_none:
+    raise ValueError(f"optim.{name} is None; set it to a value (see docs/config.md)")
+  return value
 
 
 def _schedule_args(optim_cfg: Any, total_steps: int | None) -> tuple[float, str, int, int, float]:
   """Validated (learning_rate, schedule, warmup_steps, decay_steps, end_lr)."""
   lr = float(_get(optim_cfg, "learning_rate"))
-  kind = str(_get(optim_cfg, "schedule", "cosine"))
-  warmup = _get(optim_cfg, "warmup_steps", 0)
-  decay = _get(optim_cfg, "decay_steps", total_steps)
-  end_ratio = float(_get(optim_cfg, "end_lr_ratio", 0.0))
+  kind = str(_get(optim_cfg, "schedule"))
+  warmup = _get(optim_cfg, "warmup_steps")
+  decay = _get(optim_cfg, "decay_steps", may_be_none=True)
+  decay = total_steps if decay is None else decay
+  end_ratio = float(_get(optim_cfg, "end_lr_ratio"))
   if kind not in SCHEDULES:
     raise ValueError(f"unknown optim.schedule {kind!r}; allowed: {', '.join(SCHEDULES)}")
   if not math.isfinite(lr) or lr < 0:
@@ -161,17 +173,17 @@ def make_optimizer(optim_cfg: Any, total_steps: int | None) -> optax.GradientTra
   expected in float32 (the master weights); gradients are cast to float32 before any math, and
   the moments are stored in `optim.moments_dtype` ("float32" or "bfloat16"). The state counts the
   steps that drive the schedule. `optim.clip_norm = 0` turns clipping off. Works on plain or
-  flax-boxed (`nn.LogicallyPartitioned`) parameter trees; an optional `optim.decay_embeddings`
-  (default False) puts the embedding under weight decay.
+  flax-boxed (`nn.LogicallyPartitioned`) parameter trees; `optim.decay_embeddings` puts the
+  embedding under weight decay.
   """
   lr_schedule = learning_rate_schedule(optim_cfg, total_steps)
-  b1 = float(_get(optim_cfg, "b1", 0.9))
-  b2 = float(_get(optim_cfg, "b2", 0.999))
-  eps = float(_get(optim_cfg, "eps", 1e-8))
-  wd = float(_get(optim_cfg, "weight_decay", 0.0))
-  clip = float(_get(optim_cfg, "clip_norm", 0.0))
-  moments_dtype = str(_get(optim_cfg, "moments_dtype", "float32"))
-  decay_embeddings = bool(_get(optim_cfg, "decay_embeddings", False))
+  b1 = float(_get(optim_cfg, "b1"))
+  b2 = float(_get(optim_cfg, "b2"))
+  eps = float(_get(optim_cfg, "eps"))
+  wd = float(_get(optim_cfg, "weight_decay"))
+  clip = float(_get(optim_cfg, "clip_norm"))
+  moments_dtype = str(_get(optim_cfg, "moments_dtype"))
+  decay_embeddings = bool(_get(optim_cfg, "decay_embeddings"))
   for name, value in (("b1", b1), ("b2", b2)):
     if not 0.0 <= value < 1.0:
       raise ValueError(f"optim.{name} must be in [0, 1), got {value}")

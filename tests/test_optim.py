@@ -9,16 +9,18 @@ import numpy as np
 import optax
 import pytest
 
+from maxgemma.config import base_config
 from maxgemma.model.gemma import Transformer
 from maxgemma.model.presets import get_preset
 from maxgemma.optim import decay_mask, learning_rate_schedule, make_optimizer
 
 
 def _cfg(**kw):
+  """`base_config().optim` (a plain dict) with the values the worked numbers below assume."""
   base = dict(learning_rate=1.0, schedule="cosine", warmup_steps=10, decay_steps=110,
               end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=0.0,
               moments_dtype="float32")
-  return {**base, **kw}
+  return {**base_config().optim.to_dict(), **base, **kw}
 
 
 # (schedule, step, expected) with lr 1, warmup 10, decay 110, end 0.1: numbers worked by hand.
@@ -68,6 +70,43 @@ def test_schedule_rsqrt_without_warmup():
 def test_bad_values_raise_clear_errors(changes, match):
   with pytest.raises(ValueError, match=match):
     make_optimizer(_cfg(**changes), total_steps=100)
+
+
+@pytest.mark.parametrize("name", ["b2", "end_lr_ratio", "decay_embeddings", "schedule"])
+def test_a_missing_key_is_an_error_not_a_second_default(name):
+  cfg = _cfg()
+  del cfg[name]
+  with pytest.raises(ValueError, match=f"optim.{name} is missing.*base_config"):
+    make_optimizer(cfg, total_steps=100)
+
+
+def test_base_config_defaults_reach_the_optimizer():
+  """b2 and end_lr_ratio of base_config() are the ones used (numbers from docs/config.md)."""
+  cfg = base_config().optim
+  cfg.update(learning_rate=1.0, warmup_steps=0, weight_decay=0.0, clip_norm=0.0)
+  sched = learning_rate_schedule(cfg, total_steps=10)
+  np.testing.assert_allclose(float(sched(10)), 0.1, rtol=1e-6)  # end_lr_ratio 0.1
+  params = {"w": jnp.zeros((1,), jnp.float32)}
+  opt = make_optimizer(cfg, total_steps=10)
+  state = opt.init(params)
+  _, state = opt.update({"w": jnp.full((1,), 2.0)}, state, params)
+  nu = [s.nu for s in jax.tree_util.tree_leaves(state, is_leaf=lambda s: hasattr(s, "nu"))
+        if hasattr(s, "nu")][0]
+  np.testing.assert_allclose(np.asarray(nu["w"]), (1 - 0.95) * 4.0, rtol=1e-6)  # b2 0.95
+
+
+def test_decay_embeddings_is_a_config_key():
+  """optim.decay_embeddings (base_config) puts the embedding under weight decay."""
+  params = {"embedder": {"input_embedding": jnp.ones((2, 2), jnp.float32)}}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for on, expected in ((False, 0.0), (True, -0.5 * 0.2)):
+    cfg = base_config().optim
+    cfg.update(learning_rate=0.5, schedule="constant", warmup_steps=0, weight_decay=0.2,
+               decay_embeddings=on)
+    opt = make_optimizer(cfg, 10)
+    updates, _ = opt.update(zero, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(updates["embedder"]["input_embedding"]), expected,
+                               rtol=1e-6)
 
 
 def test_missing_decay_and_total_steps_raises():
