@@ -75,3 +75,23 @@ def test_a_layout_the_loader_shards_cannot_feed_is_refused():
   with pytest.raises(ValueError, match=r"train.global_batch \(100\) must be divisible by the "
                                        r"data-parallel size 16 .*mesh.ici_fsdp"):
     feed.plan(mesh, 100, 100)
+
+
+def test_the_aot_compile_plans_the_feed_and_refuses_a_layout_it_cannot_feed():
+  from maxgemma import aot
+  from maxgemma.config import base_config
+
+  cfg = base_config()
+  cfg.model.preset = "tiny_gemma1_mha"
+  cfg.train.global_batch, cfg.train.seq_len = 8, 64
+  cfg.mesh.ici_data, cfg.mesh.ici_fsdp, cfg.mesh.ici_tensor = 1, 4, 4
+  report = aot.compile_train_step(cfg, "v5e:4x4", 1)  # 16 chips, 4 hosts of 2 x 2
+  assert report["feed"]["hosts"] == 4
+  # The rows per host from the mesh coordinates, not from the planner.
+  mesh = sharding.make_mesh(cfg.mesh, topology("v5e:4x4", 1))
+  rows = expected_rows(mesh, 8)
+  assert report["feed"]["rows_per_host"] == sorted({len(r) for r in rows.values()})
+  assert "data feed: 4 hosts" in aot.format_report(report)
+  cfg.data.loader_shards = 1
+  with pytest.raises(ValueError, match="config.data.loader_shards=1: loader shard 0"):
+    aot.compile_train_step(cfg, "v5e:4x4", 1)
