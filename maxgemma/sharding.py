@@ -108,9 +108,46 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
       grid = mesh_utils.create_device_mesh(ici, devices)
   else:
     # Elsewhere the devices are taken in order (process by process): DCN groups are contiguous.
-    grid = np.array(devices, dtype=object).reshape(*dcn, *ici)
+    block = _host_block(mesh_cfg, ici, devices)
+    per_slice = np.array(devices, dtype=object).reshape(math.prod(dcn), -1)
+    ici_grids = [_lay_hosts(list(row), ici, block) for row in per_slice]
+    grid = np.stack(ici_grids).reshape(*dcn, *ici)
     grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici, strict=True)])
   return Mesh(grid, MESH_AXES)
+
+
+def _host_block(mesh_cfg: ml_collections.ConfigDict, ici: Sequence[int], devices: Sequence[Any]
+                ) -> tuple[int, int] | None:
+  """`mesh.host_block` ("FxT", CPU only) checked against the ICI grid and devices per process."""
+  spec = str(mesh_cfg.get("host_block", "") or "")
+  if not spec:
+    return None
+  try:
+    f, t = (int(x) for x in spec.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"mesh.host_block={spec!r} is not FxT (e.g. 2x2)") from None
+  local = sum(1 for d in devices if d.process_index == devices[0].process_index)
+  if f * t != local or ici[1] % f or ici[2] % t:
+    raise ValueError(f"mesh.host_block={spec}: a {f}x{t} block must hold one process's {local} "
+                     f"devices and tile the ICI fsdp x tensor grid {ici[1]}x{ici[2]}; choose F, T "
+                     "with F*T = devices per process dividing mesh.ici_fsdp and mesh.ici_tensor")
+  return f, t
+
+
+def _lay_hosts(devices: list[Any], ici: Sequence[int], block: tuple[int, int] | None
+               ) -> np.ndarray:
+  """One slice's ICI grid (data, fsdp, tensor): devices in order, or with `block`, each process's
+  devices an F x T block of the fsdp x tensor plane, as a v5e host's 2 x 2 chips in the torus."""
+  if block is None:
+    return np.array(devices, dtype=object).reshape(ici)
+  f, t = block
+  grid = np.empty(ici, dtype=object)
+  hosts = iter(np.array(devices, dtype=object).reshape(-1, f, t))
+  for d in range(ici[0]):
+    for i in range(0, ici[1], f):
+      for j in range(0, ici[2], t):
+        grid[d, i:i + f, j:j + t] = next(hosts)
+  return grid
 
 
 def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,

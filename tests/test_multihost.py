@@ -110,3 +110,27 @@ def test_a_resume_with_other_data_settings_is_refused_and_nothing_is_touched(tmp
     lines = [x for x in res.stderr.splitlines() if "maxgemma.train: error:" in x]
     assert len(lines) == 1 and key in lines[0], res.stderr[-2000:]
     assert sorted(str(p.relative_to(ckpts)) for p in ckpts.rglob("*")) == before
+
+
+def test_host_block_lays_each_process_as_a_block_of_the_fsdp_tensor_grid():
+  """mesh.host_block=2x2 on 4 processes x 4 devices, fsdp 4 x tensor 4: the v5e-16 host map."""
+  from types import SimpleNamespace
+
+  from maxgemma import sharding
+  from maxgemma.config import base_config
+
+  devices = [SimpleNamespace(process_index=p, id=4 * p + i, platform="cpu", slice_index=0)
+             for p in range(4) for i in range(4)]
+  cfg = base_config().mesh
+  cfg.ici_data, cfg.ici_fsdp, cfg.ici_tensor = 1, 4, 4
+  ici, _ = sharding.resolve_axes(cfg, 16)
+  cfg.host_block = "2x2"
+  grid = sharding._lay_hosts(devices, ici, sharding._host_block(cfg, ici, devices))
+  hosts = np.vectorize(lambda d: d.process_index)(grid)[0]
+  assert hosts.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+  plain = sharding._lay_hosts(devices, ici, None)
+  assert np.vectorize(lambda d: d.process_index)(plain)[0].tolist() == [[p] * 4 for p in range(4)]
+  cfg.host_block = "4x2"
+  with pytest.raises(ValueError, match=r"mesh.host_block=4x2: a 4x2 block must hold one "
+                                       r"process's 4 devices"):
+    sharding._host_block(cfg, ici, devices)
