@@ -55,6 +55,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, ring: bool | None 
           for i, c in enumerate(sizes)}
 
 
+def cache_axes(cache: dict) -> dict:
+  """The logical axes of every leaf of a cache from `init_cache` (tuples of names, None free)."""
+  def layer(lead: tuple) -> dict:
+    return {"k": (*lead, "act_batch", None, "act_kv_heads", None),
+            "v": (*lead, "act_batch", None, "act_kv_heads", None),
+            "pos": (*lead, "act_batch", None), "index": lead}
+  if "layers" in cache:
+    return {"layers": layer(("layers",))}
+  return {name: layer(()) for name in cache}
+
+
 def cache_mask(cache: Cache, positions_BL: Array, window: Array | int) -> Array:
   """[B, L, C + L] bool: which of (old slots, new tokens) each new token attends to."""
   k_pos_BS = jnp.concatenate([cache["pos"], positions_BL.astype(jnp.int32)], axis=1)
