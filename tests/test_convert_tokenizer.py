@@ -113,7 +113,7 @@ def test_training_config_tokenizer_is_used(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_command_says_so_in_one_line(no_tokenizer):
+def test_export_and_sample_commands_say_so_in_one_line(no_tokenizer):
   root, workdir = no_tokenizer
   out = str(root / "cli_hf")
   p = subprocess.run([sys.executable, "-m", "maxgemma.export", f"--workdir={workdir}",
@@ -123,3 +123,10 @@ def test_export_command_says_so_in_one_line(no_tokenizer):
   lines = [ln for ln in p.stdout.splitlines() if "tokenizer" in ln]
   assert len(lines) == 1 and lines[0].startswith("no tokenizer written: "), p.stdout
   assert os.path.isfile(os.path.join(out, "config.json"))
+  p = subprocess.run([sys.executable, "-m", "maxgemma.sample", f"--workdir={workdir}",
+                      "--prompt=Hello", "--max_new_tokens=2"], capture_output=True, text=True,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert p.returncode != 0 and not p.stdout, p.stdout
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("maxgemma.sample: no tokenizer for ") and "--tokenizer=FILE" in last, \
+      p.stderr[-2000:]
