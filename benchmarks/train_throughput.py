@@ -1,6 +1,6 @@
 """Train-step throughput and MFU over a grid of model x sequence x mesh x attention x remat.
 
-Each row builds the trainer's own state and jitted step (`maxgemma.trainer`: the code
+Each row builds the trainer's own state and jitted step (`maxgemma.trainer.build`: the code
 `maxgemma.train` runs), compiles it ahead of time (compile time and XLA's memory analysis), runs
 warm-up steps, then times `--steps` steps per repeat with one device sync at the end of each repeat
 (no host syncs between steps; the state is donated). It prints a table and writes JSON (and, with
@@ -41,10 +41,9 @@ import jax
 import numpy as np
 
 from maxgemma import config as config_lib
-from maxgemma import metrics, optim, sharding
+from maxgemma import metrics, sharding
 from maxgemma.model import flops as flops_lib
-from maxgemma.trainer import state as state_lib
-from maxgemma.trainer import step as step_lib
+from maxgemma.trainer.build import build
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "train_throughput.json")
 DOC = os.path.join(os.path.dirname(__file__), "..", "docs", "performance.md")
@@ -152,30 +151,27 @@ def run_row(row: Row, *, steps: int, repeats: int, warmup: int, peak_flops: floa
             devices: list | None = None) -> dict[str, Any]:
   """Compiles and times one row; returns its result dict."""
   cfg = make_config(row, steps * repeats + warmup)
-  model_cfg = config_lib.model_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices or jax.devices()[:_mesh_size(row.mesh)])
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
-  _, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
-  step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
-                                 shardings, mesh)
-  state = state_lib.create_state(model_cfg, tx, shardings, seed=0)
+  setup = build(cfg, mesh)
+  model_cfg = setup.model_cfg
+  state = setup.create_state(seed=0)
+  frozen = setup.load_frozen()
   batch = sharding.global_batch(synthetic_batch(row.batch, row.seq_len, model_cfg.vocab_size),
                                 mesh)
-  with step_lib.rules_scope(mesh, cfg.mesh):
+  with setup.scope():
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = setup.train_step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
   peak_bytes = _peak_bytes(compiled)
   for _ in range(warmup):
-    state, out = compiled(state, batch)
+    state, out = compiled(state, batch, frozen)
   jax.block_until_ready(state)
   loss0 = float(out["loss"]) if warmup else float("nan")
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(steps):
-      state, out = compiled(state, batch)
+      state, out = compiled(state, batch, frozen)
     jax.block_until_ready((state, out))
     times.append((time.perf_counter() - t0) / steps)
   tokens = row.batch * row.seq_len

@@ -22,14 +22,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from maxgemma import config as config_lib
-from maxgemma import optim, sharding
+from maxgemma import sharding
 from maxgemma.model import flops as flops_lib
-from maxgemma.trainer import state as state_lib
-from maxgemma.trainer import step as step_lib
+from maxgemma.trainer.build import build
 
 GiB = 1 << 30
 
@@ -91,20 +89,6 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
       if v is None:
         os.environ.pop(k, None)
   return list(desc.devices)
-
-
-def abstract_inputs(cfg: ml_collections.ConfigDict, model_cfg, tx, mesh
-                    ) -> tuple[Any, Any, Any]:
-  """(sharded abstract state, sharded abstract batch, state shardings): no device memory."""
-  abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       abstract, shardings)
-  B, L = int(cfg.train.global_batch), int(cfg.train.seq_len)
-  batch_sh = sharding.batch_sharding(mesh)
-  ints = jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sh)
-  batch = {"tokens": ints, "targets": ints, "positions": ints, "segment_ids": ints,
-           "loss_weights": jax.ShapeDtypeStruct((B, L), jnp.float32, sharding=batch_sh)}
-  return state, batch, shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,19 +258,15 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
     num_slices = 1 if -1 in dcn else max(1, dcn[0] * dcn[1] * dcn[2])
   devices = topology_devices(topology, num_slices)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  model_cfg = config_lib.model_config(cfg)
-  steps = int(cfg.train.steps)
-  tx = optim.make_optimizer(cfg.optim, steps)
-  schedule = optim.learning_rate_schedule(cfg.optim, steps)
-  state, batch, shardings = abstract_inputs(cfg, model_cfg, tx, mesh)
-  step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
-                                 shardings, mesh)
+  setup = build(cfg, mesh)
+  model_cfg = setup.model_cfg
   B, L = int(cfg.train.global_batch), int(cfg.train.seq_len)
+  state, batch, frozen = setup.abstract_args(B, L)
   what = (f"{cfg.model.preset} batch {B} x seq {L} on {num_slices} x {topology} "
           f"(mesh {dict(mesh.shape)})")
   t0 = time.perf_counter()
-  with step_lib.rules_scope(mesh, cfg.mesh):
-    lowered = step.lower(state, batch)
+  with setup.scope():
+    lowered = setup.train_step.lower(state, batch, frozen)
   t1 = time.perf_counter()
   try:
     compiled = lowered.compile()

@@ -1,7 +1,7 @@
 """Different mesh layouts give the same loss, step for step (float32, identical data).
 
-Each layout runs the real state creation and jitted train step of the trainer on the 8 fake CPU
-devices that tests/conftest.py provides.
+Each layout runs the trainer's own setup (`trainer.build`: state creation and the jitted train
+step) on the 8 fake CPU devices that tests/conftest.py provides.
 """
 
 import json
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from maxgemma import config as config_lib
-from maxgemma import optim, sharding
-from maxgemma.trainer import state as state_lib
-from maxgemma.trainer import step as step_lib
+from maxgemma import sharding
+from maxgemma.trainer.build import build
+from maxgemma.trainer.objective import NextToken
 
 TOLERANCE = 1e-5  # relative, on each step's loss
 STEPS = 3
@@ -50,21 +50,17 @@ def synthetic_batches(cfg, steps, vocab):
 
 
 def run_losses(cfg, devices, steps=STEPS):
-  model_cfg = config_lib.model_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
-  _, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
-  state = state_lib.create_state(model_cfg, tx, shardings, seed=0)
-  step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
-                                 shardings, mesh)
+  setup = build(cfg, mesh)
+  state = setup.create_state(seed=0)
+  frozen = setup.load_frozen()
   losses = []
   rows = cfg.train.global_batch // jax.process_count()  # this process's share of every batch
   mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-  with step_lib.rules_scope(mesh, cfg.mesh):
-    for batch in synthetic_batches(cfg, steps, model_cfg.vocab_size):
+  with setup.scope():
+    for batch in synthetic_batches(cfg, steps, setup.model_cfg.vocab_size):
       local = {k: v[mine] for k, v in batch.items()}
-      state, metrics = step(state, sharding.global_batch(local, mesh))
+      state, metrics = setup.train_step(state, sharding.global_batch(local, mesh), frozen)
       losses.append(float(metrics["loss"]))
   return np.array(losses), state
 
@@ -140,9 +136,25 @@ def test_refuses_a_large_leaf_left_replicated():
   # whole onto every device.
   cfg = make_config("tiny_gemma1_mqa", ici_tensor=8)
   cfg.model.vocab_size = 16_385
-  model_cfg = config_lib.model_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh, jax.devices())
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   with pytest.raises(ValueError, match=r"parameter leaf \['embedder'\]\['input_embedding'\] "
                                        r"\(16385, 64\) would be fully replicated"):
-    state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
+    build(cfg, mesh)
+
+
+class _WithTeacher(NextToken):
+  """Next-token loss with a frozen second copy of the model's parameters (as distillation has)."""
+
+  def frozen_abstract(self):
+    return {"teacher": self.abstract_params()}
+
+
+def test_frozen_inputs_are_sharded_by_the_parameter_rules():
+  cfg = make_config(ici_fsdp=2, ici_tensor=4)
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()),
+                _WithTeacher(config_lib.model_config(cfg)))
+  _, _, frozen = setup.abstract_args(cfg.train.global_batch, cfg.train.seq_len)
+  teacher = frozen["teacher"]
+  spec = lambda x: tuple(x.sharding.spec)
+  assert spec(teacher["embedder"]["input_embedding"]) == ("tensor", "fsdp")
+  assert spec(teacher["layers"]["mlp"]["linear"]) == (None, "tensor", "fsdp")

@@ -19,13 +19,12 @@ import ml_collections
 from absl import logging
 
 from maxgemma import config as config_lib
-from maxgemma import distributed, feed, metrics, optim, sharding, storage
+from maxgemma import distributed, feed, metrics, sharding, storage
 from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
 from maxgemma.model import flops
-from maxgemma.trainer import state as state_lib
-from maxgemma.trainer import step as step_lib
+from maxgemma.trainer.build import Setup, build
 
 
 class NonFiniteError(RuntimeError):
@@ -64,23 +63,23 @@ def _feed_plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> feed.
   return feed.plan(mesh, cfg.train.global_batch, shards, cfg.optim.grad_accum_steps)
 
 
-def _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt: Checkpointer, data_iter,
-                       workdir: str) -> dict:
+def _restore_or_create(cfg, setup: Setup, ckpt: Checkpointer, data_iter, workdir: str) -> dict:
   latest = ckpt.latest_step()
   if latest is None:
-    return state_lib.create_state(model_cfg, tx, shardings, seed=cfg.train.seed)
+    return setup.create_state(seed=cfg.train.seed)
   meta = ckpt.meta(latest)
   if meta.get("model"):
-    check_same_architecture(model_config_from_dict(meta["model"]), model_cfg, workdir)
+    check_same_architecture(model_config_from_dict(meta["model"]), setup.model_cfg, workdir)
   data_args = None
   if (ckpt.directory / str(latest) / data_ckpt.ITEM).exists():
     # Any process count resumes the stream: positions are per loader shard. Checked first, so
     # other data settings are refused before anything is restored.
     data_ckpt.check_saved(data_iter, str(ckpt.directory / str(latest) / data_ckpt.ITEM))
     data_args = data_ckpt.data_restore_args(data_iter)
-  restored = ckpt.restore(latest, abstract, shardings, data_args=data_args)
+  shardings = setup.shardings
+  restored = ckpt.restore(latest, setup.abstract_state, shardings, data_args=data_args)
   if "opt_state" not in restored:  # imported weights: a fresh optimizer on the restored params
-    restored["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(
+    restored["opt_state"] = jax.jit(setup.tx.init, out_shardings=shardings["opt_state"])(
         restored["params"])
   restored["step"] = jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32),
                                     shardings["step"])
@@ -129,21 +128,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   plan = _feed_plan(cfg, mesh)
   logging.info("%s", plan.describe())
   total = int(cfg.train.steps)
-  tx = optim.make_optimizer(cfg.optim, total)
-  schedule = optim.learning_rate_schedule(cfg.optim, total)
-  abstract, shardings = state_lib.state_shardings(model_cfg, tx, mesh, cfg.mesh)
+  setup = build(cfg, mesh)
   data_iter = pipeline.make_train_iterator(
       cfg.data, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch,
       seed=cfg.train.seed, shards=plan.shards_of(jax.process_index()))
   data_iter.owned = plan.owned_by(jax.process_index())
   ckpt = Checkpointer(workdir, cfg.checkpoint)
-  state = _restore_or_create(cfg, model_cfg, tx, abstract, shardings, ckpt, data_iter, workdir)
+  state = _restore_or_create(cfg, setup, ckpt, data_iter, workdir)
   start = int(jax.device_get(state["step"]))
 
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(model_cfg, tx, schedule, cfg),
-                                       shardings, mesh)
-  eval_step = jax.jit(step_lib.make_eval_step(model_cfg),
-                      in_shardings=(shardings["params"], sharding.batch_sharding(mesh)))
+  frozen = setup.load_frozen()
+  eval_step = lambda params, batch: setup.eval_step(params, batch, frozen)  # noqa: E731
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
   flops_per_step = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens_per_step
   peak = metrics.peak_flops_per_device(cfg.metrics.peak_flops_per_device)
@@ -172,12 +167,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   buffer = metrics.MetricsBuffer(emit)
   try:
-    with step_lib.rules_scope(mesh, cfg.mesh):
+    with setup.scope():
       for step in range(start, total):
         if profile and step == profile[0]:
           trace_dir = _start_trace(workdir)
         batch = feed.global_batch(next(data_iter), plan, mesh)
-        state, step_metrics = train_step(state, batch)
+        state, step_metrics = setup.train_step(state, batch, frozen)
         buffer.push(step + 1, step_metrics)
         if profile and step + 1 == profile[1]:
           _stop_trace(trace_dir, workdir)
