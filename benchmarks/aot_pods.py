@@ -1,6 +1,6 @@
 """The Gemma report's pod layouts compiled ahead of time for real TPU v5e topologies.
 
-Each row runs `python -m maxgemma.compile` (one process per compile, one at a time) on this
+Each row runs `python -m maxgemma.aot` (one process per compile, one at a time) on this
 CPU-only machine with libtpu and records per-chip memory, model FLOPs per step, the roofline step
 time, the cross-slice traffic and the compile time. Writes `benchmarks/results/aot_pods.json` and
 the table between the markers in `docs/aot.md`; the compiled HLO text goes to
@@ -49,7 +49,7 @@ def run_row(name: str, timeout: int) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "report.json"
     HLO_DIR.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "maxgemma.compile", f"--config={config}", *extra,
+    cmd = [sys.executable, "-m", "maxgemma.aot", f"--config={config}", *extra,
            f"--hlo_out={HLO_DIR / name}.hlo.txt", f"--json_out={out}"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,

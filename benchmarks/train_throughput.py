@@ -13,7 +13,7 @@ half and only the window on sliding-window layers. On a CPU the peak is a jitted
 2048 x 2048 matmul measured in the same run (`metrics.measure_cpu_matmul_peak`, the best of the
 measurements before and after the grid, so the MFU is not flattered by a slow peak sample), and the
 fake host devices of a multi-device CPU mesh share the same cores, so `devices` counts the machine
-once. On GPU/TPU the peak is the data-sheet bf16 figure (`metrics.PEAK_FLOPS`).
+once. On GPU/TPU the peak is the data-sheet bf16 figure (`hardware.PEAK_FLOPS`).
 
   .venv/bin/python benchmarks/train_throughput.py --grid cpu [--markdown]
   .venv/bin/python benchmarks/train_throughput.py --grid h100      # on one H100 (see docs)

@@ -3,7 +3,7 @@
 The in-pod layout of the Gemma report's 2B run (2 pods: configs/gemma_2b_v5e_2pods.py). Compile
 it for the real TPU on a CPU machine (prints per-chip memory, FLOPs, roofline time):
 
-  python -m maxgemma.compile --config=configs/gemma_2b_v5e_1pod.py --topology=v5e:16x16
+  python -m maxgemma.aot --config=configs/gemma_2b_v5e_1pod.py --topology=v5e:16x16
 
 Train on a v5e-256 (see docs/tpu.md):
 

@@ -5,7 +5,7 @@ configs/gemma_2b_v5e_1pod.py; data parallel across the 2 pods over the data-cent
 (`dcn_data=2`): gradients are reduce-scattered inside a pod and only each chip's shard crosses
 pods. Compile it for the real TPU on a CPU machine (`--num_slices` defaults to 2 from mesh.dcn_*):
 
-  python -m maxgemma.compile --config=configs/gemma_2b_v5e_2pods.py --topology=v5e:16x16
+  python -m maxgemma.aot --config=configs/gemma_2b_v5e_2pods.py --topology=v5e:16x16
 
 Train on the pods (see docs/tpu.md):
 

@@ -6,7 +6,7 @@ configs/gemma_7b_v5e_1pod.py; data parallel across the 16 pods over the data-cen
 pods. Compile it for the real TPU on a CPU machine (`--num_slices` defaults to the product of
 mesh.dcn_*, here 16):
 
-  python -m maxgemma.compile --config=configs/gemma_7b_v5e_16pods.py --topology=v5e:16x16
+  python -m maxgemma.aot --config=configs/gemma_7b_v5e_16pods.py --topology=v5e:16x16
 
 Train on the pods (see docs/tpu.md):
 

@@ -3,7 +3,7 @@
 The in-pod layout of the Gemma report's 7B run (16 pods: configs/gemma_7b_v5e_16pods.py).
 Compile it for the real TPU on a CPU machine (prints per-chip memory, FLOPs, roofline time):
 
-  python -m maxgemma.compile --config=configs/gemma_7b_v5e_1pod.py --topology=v5e:16x16
+  python -m maxgemma.aot --config=configs/gemma_7b_v5e_1pod.py --topology=v5e:16x16
 
 Train on a v5e-256 (see docs/tpu.md):
 

@@ -1,7 +1,7 @@
 """Training metrics: peak FLOP/s and MFU, a console/TensorBoard/JSONL writer, one-step-behind fetch.
 
 MFU = model FLOPs per step / (step time * devices * peak FLOP/s per device); the model FLOPs count
-comes from the model's FLOPs function (REFERENCE.md section 5), the peak from `PEAK_FLOPS`
+comes from the model's FLOPs function (REFERENCE.md section 5), the peak from `hardware.PEAK_FLOPS`
 (bf16 dense, per chip) or, on a CPU, from a measured matmul.
 """
 
@@ -21,39 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxgemma import storage
-
-# Peak dense bf16 FLOP/s per device (chip), from the vendors' data sheets.
-PEAK_FLOPS: dict[str, float] = {
-    "TPU v4": 275e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
-
-# `device_kind` substrings (lower case) -> PEAK_FLOPS key, first match wins: the "lite" chips
-# before the plain "v5" (JAX names v5e "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite").
-_KIND_PATTERNS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("v5 lite", "v5lite", "v5e"), "TPU v5e"),
-    (("v6 lite", "v6lite", "v6e"), "TPU v6e"),
-    (("v5p", "tpu v5"), "TPU v5p"),
-    (("tpu v4",), "TPU v4"),
-    (("h200",), "NVIDIA H200"),
-    (("h100",), "NVIDIA H100"),
-    (("a100",), "NVIDIA A100"),
-)
-
-
-def known_peak_flops(device_kind: str) -> float | None:
-  """Peak bf16 FLOP/s for a `jax.Device.device_kind` string, or None when it is not in the table."""
-  kind = device_kind.lower()
-  for patterns, name in _KIND_PATTERNS:
-    if any(p in kind for p in patterns):
-      return PEAK_FLOPS[name]
-  return None
+from maxgemma import hardware, storage
+from maxgemma.hardware import known_peak_flops
 
 
 def measure_cpu_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
@@ -88,7 +57,8 @@ def peak_flops_per_device(configured: float = 0.0, device: jax.Device | None = N
   if device.platform == "cpu":
     return measure_cpu_matmul_peak()
   raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; set "
-                   "config.metrics.peak_flops_per_device (known: " + ", ".join(PEAK_FLOPS) + ")")
+                   "config.metrics.peak_flops_per_device (known: " + ", ".join(hardware.PEAK_FLOPS)
+                   + ")")
 
 
 def mfu(model_flops_per_step: float, step_time_s: float, num_devices: int,

@@ -247,8 +247,8 @@ def test_cudnn_flash_equals_reference(case):
 def test_splash_and_offload_compile_for_tpu():
   """The train step with splash attention (Gemma 2 local/global windows via the switch, soft-caps,
   heads split over `tensor`) and host-offloaded remat compiles for a v5e slice through
-  `maxgemma.compile`'s AOT path: the Mosaic kernels and the host-memory buffers are in the HLO."""
-  from maxgemma import compile as compile_lib
+  `maxgemma.aot`'s AOT path: the Mosaic kernels and the host-memory buffers are in the HLO."""
+  from maxgemma import aot
   from maxgemma.config import base_config
 
   c = base_config()
@@ -257,7 +257,7 @@ def test_splash_and_offload_compile_for_tpu():
                  remat_policy="offload_names")
   c.train.update(global_batch=8, seq_len=256)
   c.mesh.update(ici_data=1, ici_fsdp=2, ici_tensor=2)
-  report = compile_lib.compile_train_step(c, "v5e:2x2", 1, keep_compiled=True)
+  report = aot.compile_train_step(c, "v5e:2x2", 1, keep_compiled=True)
   hlo = report["compiled"].as_text()
   assert "tpu_custom_call" in hlo  # the splash kernels (forward, dq, dkv)
   assert "S(5)" in hlo  # buffers in host memory space: the offloaded activations

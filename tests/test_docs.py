@@ -290,7 +290,7 @@ CHECKS: list[tuple[re.Pattern, Callable[[Session, list[str], Result], None]]] = 
     (re.compile(r"-m maxgemma\.sample\b"), check_sample),
     (re.compile(r"-m maxgemma\.data\.prepare\b"), check_prepare),
     (re.compile(r"-m maxgemma\.data\.train_tokenizer\b"), check_tokenizer),
-    (re.compile(r"-m maxgemma\.compile\b"), check_compile),
+    (re.compile(r"-m maxgemma\.aot\b"), check_compile),
     (re.compile(r"-m launch\.tpu\b"), check_tpu),
 ]
 

@@ -4,10 +4,12 @@ Each layout runs the trainer's own setup (`trainer.build`: state creation and th
 step) on the 8 fake CPU devices that tests/conftest.py provides.
 """
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -158,3 +160,28 @@ def test_frozen_inputs_are_sharded_by_the_parameter_rules():
   spec = lambda x: tuple(x.sharding.spec)
   assert spec(teacher["embedder"]["input_embedding"]) == ("tensor", "fsdp")
   assert spec(teacher["layers"]["mlp"]["linear"]) == (None, "tensor", "fsdp")
+
+CHAIN = ("make_train_step", "make_eval_step", "state_shardings", "frozen_shardings")
+BUILDERS = ("maxgemma/trainer/loop.py", "maxgemma/aot.py", "benchmarks/train_throughput.py",
+            "tests/test_parallelism.py")
+
+
+def _calls(path: Path) -> set[str]:
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    if isinstance(node, ast.Call):
+      f = node.func
+      names.add(f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", ""))
+  return names
+
+
+def test_the_step_is_wired_in_one_place():
+  """Only trainer/build.py calls the chain's pieces; the loop, the AOT compile, the benchmark and
+  these tests get their step from `build`."""
+  root = Path(__file__).resolve().parents[1]
+  files = [*root.glob("maxgemma/**/*.py"), *root.glob("benchmarks/*.py"), *root.glob("tests/*.py")]
+  wiring = {str(f.relative_to(root)): sorted(_calls(f) & set(CHAIN)) for f in files}
+  wiring = {f: names for f, names in wiring.items() if names}
+  assert set(wiring) == {"maxgemma/trainer/build.py"}, f"the step is wired outside build: {wiring}"
+  for name in BUILDERS:
+    assert "build" in _calls(root / name), f"{name} no longer calls trainer.build.build"

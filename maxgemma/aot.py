@@ -1,68 +1,38 @@
 """Ahead-of-time compile of the real train step for a TPU topology, on a machine without a TPU.
 
-  python -m maxgemma.compile --config=configs/gemma_7b_v5e_1pod.py [--config.key=value ...] \
+  python -m maxgemma.aot --config=configs/gemma_7b_v5e_1pod.py [--config.key=value ...] \
       [--topology=v5e:16x16] [--num_slices=N] [--target_mfu=0.5] [--json_out=FILE]
 
 libtpu (`jax[tpu]`) describes the devices of `num_slices` slices of `topology`; the mesh of
 `config.mesh` is laid over them, the state is abstract (sharded `jax.ShapeDtypeStruct`s, nothing is
-allocated) and the trainer's own jitted step (explicit shardings, donated state) is lowered and
-compiled by the TPU compiler. The report gives per-chip memory from `memory_analysis()`, the model
-FLOPs per step from `maxgemma.model.flops` (XLA's `cost_analysis()` counts a scanned layer body
-once, so its number is shown only for reference) and the roofline step time at the chip's peak.
-Exits non-zero with one line when the step does not fit in HBM.
+allocated) and the trainer's own jitted step (`trainer.build`: explicit shardings, donated state)
+is lowered and compiled by the TPU compiler. The report gives per-chip memory from
+`memory_analysis()`, the model FLOPs per step from `maxgemma.model.flops` (XLA's `cost_analysis()`
+counts a scanned layer body once, so its number is shown only for reference) and the roofline step
+time at the chip's peak.
+Exits non-zero with one line when the step does not fit in HBM. The chip figures come from
+`maxgemma.hardware`; the cross-slice transfers are read from the compiled HLO by `maxgemma.hlo`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import re
 import time
 from typing import Any
 
 import jax
 import ml_collections
+from jax.sharding import Mesh
 
 from maxgemma import config as config_lib
-from maxgemma import sharding
+from maxgemma import feed, hardware, hlo, sharding
+from maxgemma.hardware import GiB
 from maxgemma.model import flops as flops_lib
 from maxgemma.trainer.build import build
-
-GiB = 1 << 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """What the report compares against: per-chip HBM the compiler may use and peak bf16 FLOP/s."""
-
-  name: str
-  hbm_bytes: int
-  usable_hbm_bytes: int  # what XLA lets a program use ("exceeds available HBM (15.75G)" on v5e)
-  peak_flops: float
-
-
-# Keyed by the topology name's prefix. v5e: 16 GiB per chip, 15.75 GiB usable, 197 TFLOP/s bf16.
-CHIPS = {
-    "v5e": Chip("TPU v5e", 16 * GiB, int(15.75 * GiB), 197e12),
-    "v5litepod": Chip("TPU v5e", 16 * GiB, int(15.75 * GiB), 197e12),
-    # Outside v5e the usable HBM assumes the same 0.25 GiB reservation as measured on v5e.
-    "v5p": Chip("TPU v5p", 95 * GiB, int(94.75 * GiB), 459e12),
-    "v4": Chip("TPU v4", 32 * GiB, int(31.75 * GiB), 275e12),
-}
 
 
 class DoesNotFitError(RuntimeError):
   """The train step does not fit the chip's HBM (compiler refusal or peak over the limit)."""
-
-
-def chip_for(topology: str) -> Chip:
-  """The chip facts for a topology name such as `v5e:16x16`."""
-  kind = topology.split(":")[0].split("-")[0]
-  if kind not in CHIPS:
-    raise ValueError(f"unknown TPU kind {kind!r} in topology {topology!r}; known: "
-                     f"{', '.join(CHIPS)}")
-  return CHIPS[kind]
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
@@ -91,154 +61,15 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   return list(desc.devices)
 
 
-@dataclasses.dataclass(frozen=True)
-class Instr:
-  """One HLO instruction of a compiled program's text: `%name = type opcode(operands), attrs`."""
-
-  name: str
-  type: str
-  opcode: str
-  operands: tuple[str, ...]
-  attrs: str
-  computation: str = ""  # the computation (function) the instruction belongs to
-  args: str = ""  # the raw text between the opcode's parentheses (a constant's value)
-
-  @property
-  def array(self) -> tuple[str, tuple[int, ...]]:
-    """(dtype, dims) of the result, or of its first element when it is a tuple."""
-    m = re.search(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", self.type)
-    if not m:
-      return "", ()
-    return m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)
+def slices_of(mesh_cfg: ml_collections.ConfigDict) -> int:
+  """How many slices `mesh.dcn_*` asks for (1 when one of them is -1)."""
+  dcn = [int(mesh_cfg[f"dcn_{a}"]) for a in sharding.MESH_AXES]
+  return 1 if -1 in dcn else max(1, dcn[0] * dcn[1] * dcn[2])
 
 
-def _closing(text: str, start: int) -> int:
-  """Index just past the parenthesis that closes the one at `start`."""
-  depth = 0
-  for i in range(start, len(text)):
-    depth += {"(": 1, ")": -1}.get(text[i], 0)
-    if depth == 0:
-      return i + 1
-  return len(text)
-
-
-def parse_hlo(hlo_text: str) -> dict[str, Instr]:
-  """Every instruction of an HLO module's text, by name."""
-  out = {}
-  computation = ""
-  for line in hlo_text.splitlines():
-    header = re.match(r"(?:ENTRY\s+)?%([\w.\-]+)\s+\(.*\{\s*$", line)
-    if header:
-      computation = header.group(1)
-      continue
-    m = re.match(r"\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*", line)
-    if not m:
-      continue
-    rest = line[m.end():]
-    end = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
-    if end <= 0:
-      continue
-    typ, rest = rest[:end], rest[end:].lstrip()
-    op = re.match(r"([\w\-]+)\(", rest)
-    if not op:
-      continue
-    close = _closing(rest, op.end() - 1)
-    operands = tuple(re.findall(r"%([\w.\-]+)", rest[op.end():close - 1]))
-    out[m.group(1)] = Instr(m.group(1), typ, op.group(1), operands, rest[close:], computation,
-                            rest[op.end():close - 1])
-  return out
-
-
-def _loop_start(loop: Instr, instrs: dict[str, Instr]) -> int:
-  """The constant a while loop's counter (tuple element 0 of its operand) starts at, else 0."""
-  init = instrs.get(loop.operands[0]) if loop.operands else None
-  if init is None or init.opcode != "tuple" or not init.operands:
-    return 0
-  x = instrs.get(init.operands[0])
-  while x is not None and x.opcode in ("copy", "bitcast") and x.operands:
-    x = instrs.get(x.operands[0])
-  if x is not None and x.opcode == "constant" and re.fullmatch(r"-?\d+", x.args.strip()):
-    return int(x.args)
-  return 0
-
-
-def loop_multipliers(instrs: dict[str, Instr]) -> dict[str, int]:
-  """How many times each while-loop body computation runs per execution (nested loops multiply).
-
-  The trip count is the loop's `known_trip_count` when the compiler recorded one, else the
-  integer constant its condition compares the counter against minus the counter's initial value
-  (`lax.scan` loops count 0..N-1; the compiler may peel the first iteration and start at 1).
-  """
-  trips: dict[str, tuple[int, str]] = {}  # body -> (trip count, computation holding the while)
-  for ins in instrs.values():
-    if ins.opcode != "while":
-      continue
-    body = re.search(r"body=%([\w.\-]+)", ins.attrs)
-    cond = re.search(r"condition=%([\w.\-]+)", ins.attrs)
-    if not body:
-      continue
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.attrs)
-    if known:
-      n = int(known.group(1))
-    else:
-      consts = [int(c.args) for c in instrs.values() if cond and c.computation == cond.group(1)
-                and c.opcode == "constant" and re.fullmatch(r"-?\d+", c.args.strip())]
-      n = consts[0] - _loop_start(ins, instrs) if len(consts) == 1 else 1
-    trips[body.group(1)] = (n, ins.computation)
-
-  def mult(comp: str, depth: int = 0) -> int:
-    if comp not in trips or depth > 16:
-      return 1
-    n, parent = trips[comp]
-    return n * mult(parent, depth + 1)
-
-  return {comp: mult(comp) for comp in trips}
-
-
-_PASS_THROUGH = ("bitcast", "copy", "reshape", "get-tuple-element")
-
-
-def dcn_allreduce_sends(hlo_text: str) -> list[dict[str, Any]]:
-  """Every cross-slice reduction transfer in a compiled multi-slice TPU program.
-
-  Multi-slice (megascale) reductions are not all-reduces with cross-slice replica groups: they
-  are `send`/`recv` pairs tagged `_xla_megascale_transfer_type="ALL_REDUCE"`. For each send:
-  what one chip sends over the data-centre network (`dtype`, `shape`, `elements`), how many times
-  a step runs it (`per_step`: a send inside the scanned layers' loop runs once per layer), and the
-  instruction that produced it (`source`: bitcasts and copies skipped), e.g. an in-slice
-  reduce-scatter, which is what makes the reduction hierarchical.
-  """
-  instrs = parse_hlo(hlo_text)
-  loops = loop_multipliers(instrs)
-  sends = []
-  for ins in instrs.values():
-    if ins.opcode != "send" or 'megascale_transfer_type="ALL_REDUCE"' not in ins.attrs:
-      continue
-    source = instrs.get(ins.operands[0]) if ins.operands else None
-    while source is not None and source.opcode in _PASS_THROUGH and source.operands:
-      source = instrs.get(source.operands[0])
-    dtype, shape = ins.array
-    target = re.search(r'_xla_megascale_target="([^"]*)"', ins.attrs)
-    sends.append({"name": ins.name, "dtype": dtype, "shape": shape,
-                  "elements": math.prod(shape), "source": source,
-                  "target": target.group(1) if target else "",
-                  "per_step": loops.get(ins.computation, 1)})
-  return sends
-
-
-def is_reduce_scatter(ins: Instr | None) -> bool:
-  """A reduce-scatter: the op itself or the TPU compiler's all-reduce-scatter fusion."""
-  if ins is None:
-    return False
-  return ins.opcode == "reduce-scatter" or (
-      ins.opcode == "fusion" and re.search(r"calls=%[\w.\-]*reduce-scatter", ins.attrs) is not None)
-
-
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
-
-
-def _sends_bytes(sends: list[dict[str, Any]]) -> int:
-  return sum(s["elements"] * s["per_step"] * _DTYPE_BYTES.get(s["dtype"], 4) for s in sends)
+def topology_mesh(mesh_cfg: ml_collections.ConfigDict, topology: str, num_slices: int) -> Mesh:
+  """The mesh of `mesh_cfg` laid over the devices of `num_slices` x `topology`, as on the pods."""
+  return sharding.make_mesh(mesh_cfg, topology_devices(topology, num_slices))
 
 
 def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x16",
@@ -252,12 +83,13 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
   state ("state").
   """
   config_lib.check_keys(cfg)
-  chip = chip_for(topology)
+  chip = hardware.chip_for_topology(topology)
   if num_slices is None:
-    dcn = [int(cfg.mesh[f"dcn_{a}"]) for a in sharding.MESH_AXES]
-    num_slices = 1 if -1 in dcn else max(1, dcn[0] * dcn[1] * dcn[2])
-  devices = topology_devices(topology, num_slices)
-  mesh = sharding.make_mesh(cfg.mesh, devices)
+    num_slices = slices_of(cfg.mesh)
+  mesh = topology_mesh(cfg.mesh, topology, num_slices)
+  # The data feed on the topology's real device-to-host map: refused here, before compiling,
+  # when the layout cannot be fed.
+  feed_plan = feed.for_config(cfg, mesh)
   setup = build(cfg, mesh)
   model_cfg = setup.model_cfg
   B, L = int(cfg.train.global_batch), int(cfg.train.seq_len)
@@ -293,14 +125,13 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
       "peak_bytes": peak,
       "usable_hbm_bytes": chip.usable_hbm_bytes,
   }
-  chips = len(devices)
+  chips = mesh.devices.size
   tokens = B * L
   model_flops = flops_lib.flops_per_token(model_cfg, L) * tokens
   roofline_s = model_flops / (chips * chip.peak_flops)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  hlo = compiled.as_text()
-  sends = dcn_allreduce_sends(hlo)
+  sends = hlo.dcn_allreduce_sends(compiled.as_text())
   report = {
       "preset": cfg.model.preset,
       "topology": topology,
@@ -329,14 +160,19 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
       "target_mfu": target_mfu,
       "step_s_at_target_mfu": roofline_s / target_mfu,
       "tokens_per_s_per_chip_at_target_mfu": tokens / (roofline_s / target_mfu) / chips,
+      "feed": {"hosts": len(feed_plan.rows),
+               "rows_per_host": sorted({len(r) for r in feed_plan.rows.values()}),
+               "hosts_per_row": sorted(set(feed_plan.hosts_per_row().values())),
+               "loader_shards": feed_plan.loader_shards,
+               "summary": feed_plan.describe(max_hosts=4)},
       "dcn_allreduce_sends": len(sends),
-      "dcn_allreduce_bytes_per_chip": _sends_bytes(sends),
+      "dcn_allreduce_bytes_per_chip": hlo.sends_bytes(sends),
       # Each transfer: what one chip sends and the instruction that produced it.
       "dcn_transfers": [
           {"send": f"{s['dtype']}{list(s['shape'])}", "per_step": s["per_step"],
            "source": (f"{s['source'].opcode} {s['source'].array[0]}{list(s['source'].array[1])}"
                       if s["source"] is not None else ""),
-           "from_reduce_scatter": is_reduce_scatter(s["source"])} for s in sends],
+           "from_reduce_scatter": hlo.is_reduce_scatter(s["source"])} for s in sends],
   }
   check_fits(report)
   if keep_compiled:
@@ -377,6 +213,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['step_s_at_target_mfu']:.2f} s ({r['tokens_per_s_per_chip_at_target_mfu']:,.0f} "
       f"tokens/s/chip)",
   ]
+  if "feed" in r:
+    lines += ["  " + line for line in r["feed"]["summary"].splitlines()]
   if r["num_slices"] > 1:
     lines.append(f"  cross-slice (DCN) reduction: {r['dcn_allreduce_sends']} transfers, "
                  f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.1f} MiB sent per chip per step")
@@ -401,7 +239,7 @@ def _main(argv: list[str]) -> None:
   except (DoesNotFitError, ValueError) as e:
     if f.oom_details and getattr(e, "details", None):
       print(e.details, file=sys.stderr)
-    sys.exit(f"maxgemma.compile: {e}")
+    sys.exit(f"maxgemma.aot: {e}")
   compiled = report.pop("compiled", None)
   report.pop("state", None)
   if f.hlo_out:
