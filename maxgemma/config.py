@@ -35,7 +35,7 @@ def _model_section() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults for every section: model, mesh, data, optim, train, checkpoint, metrics."""
+  """Defaults for every section: model, mesh, data, optim, train, checkpoint, metrics, distill."""
   c = ml_collections.ConfigDict()
   c.model = _model_section()
 
@@ -81,6 +81,12 @@ def base_config() -> ml_collections.ConfigDict:
                                                 lock_stale_s=120.0))  # gs:// run lock lease
   c.metrics = ml_collections.ConfigDict(dict(log_every=1, tensorboard=True,
                                              peak_flops_per_device=0.0))  # 0: measured/known
+  c.distill = ml_collections.ConfigDict(dict(  # docs/distillation.md
+      teacher="",  # online: a maxgemma workdir whose latest checkpoint is the frozen teacher
+      temperature=1.0, alpha=0.0,  # alpha: the next-token loss's share of the objective
+      loss_chunk=256,  # positions per chunk of both models' logits (no [B, L, V] logits)
+      teacher_dtype="",  # the teacher's params and compute dtype ("" = its checkpoint's config)
+  ))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator="", num_processes=0, process_id=-1,  # all unset: single process or TPU auto
   ))

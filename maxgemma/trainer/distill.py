@@ -1,0 +1,167 @@
+"""Online knowledge distillation (Gemma 2's pretraining recipe) as a trainer objective.
+
+`config.distill.teacher` names a maxgemma workdir; its latest checkpoint's parameters are the
+teacher, a frozen input of every step: sharded by the same rules table as the student, in its own
+dtype, without optimizer state, run forward inside the jitted step. The student is trained on the
+cross-entropy against the teacher's tempered next-token distribution, optionally mixed with the
+next-token loss (`maxgemma.distill_loss` defines the sums; both models' logits are computed
+`distill.loss_chunk` positions at a time). Teacher and student may differ in size and family but
+must share the tokenizer and the vocabulary size, which `teacher_config` checks before anything
+is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from maxgemma import distill_loss, storage
+from maxgemma.data import tokenizer as tokenizer_lib
+from maxgemma.model.config import ModelConfig
+from maxgemma.model.gemma import Transformer
+from maxgemma.trainer import state as state_lib
+from maxgemma.trainer.objective import Batch, LossSums, Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A teacher checkpoint: its workdir, step and model config (dtype as it will run)."""
+
+  workdir: str
+  step: int
+  model_cfg: ModelConfig
+
+
+def enabled(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `cfg` trains by online distillation."""
+  return bool(cfg.get("distill", {}).get("teacher", ""))
+
+
+def teacher_config(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teacher:
+  """The teacher `cfg.distill.teacher` names, checked against the student: a complete checkpoint,
+  the same tokenizer and vocabulary, a context at least `train.seq_len` long."""
+  from maxgemma.checkpoint import Checkpointer, model_config_from_dict  # noqa: PLC0415
+  from maxgemma.convert.workdir_tokenizer import find_tokenizer  # noqa: PLC0415
+
+  workdir = str(cfg.distill.teacher)
+  key = f"config.distill.teacher={workdir}"
+  ckpt = Checkpointer(workdir, read_only=True) \
+      if storage.path(storage.join(workdir, "checkpoints")).is_dir() else None
+  try:
+    step = None if ckpt is None else ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(
+          f"{key}: no complete checkpoint in {storage.join(workdir, 'checkpoints')}; train the "
+          "teacher there first, or bring one in with python -m maxgemma.import_weights")
+    meta = ckpt.meta(step)
+  finally:
+    if ckpt is not None:
+      ckpt.close()
+  if not meta.get("model"):
+    raise ValueError(f"{key}: checkpoint {step} records no model config; re-save it with "
+                     "maxgemma.train or maxgemma.import_weights")
+  teacher = model_config_from_dict(meta["model"])
+  if teacher.vocab_size != student.vocab_size:
+    raise ValueError(f"{key}: the teacher's vocabulary ({teacher.vocab_size}) differs from the "
+                     f"student's config.model.vocab_size ({student.vocab_size}); distillation "
+                     "needs one tokenizer and one vocabulary size")
+  found = find_tokenizer(workdir, meta=meta)
+  if found.path is None:
+    raise ValueError(f"{key}: the teacher has no known tokenizer ({found.origin}); write its "
+                     f"tokenizer.model into {workdir} so that it can be checked against "
+                     "config.data.tokenizer")
+  mine = tokenizer_lib.load_tokenizer(str(cfg.data.tokenizer))
+  theirs = tokenizer_lib.load(found.path)
+  if mine.fingerprint != theirs.fingerprint:
+    raise ValueError(f"{key}: the teacher's tokenizer ({found.origin}) is not the student's "
+                     f"config.data.tokenizer ({mine.path}); distillation needs one tokenizer")
+  if cfg.distill.teacher_dtype:
+    dtype = str(cfg.distill.teacher_dtype)
+    teacher = dataclasses.replace(teacher, dtype=dtype, param_dtype=dtype)
+  try:
+    teacher = teacher.validate(seq_len=int(cfg.train.seq_len))
+  except ValueError as e:
+    raise ValueError(f"{key}: the teacher cannot run this config: {e}") from None
+  return Teacher(workdir=workdir, step=int(step), model_cfg=teacher)
+
+
+class OnlineDistill(Objective):
+  """Cross-entropy of the student against a frozen teacher's tempered distribution.
+
+  Frozen inputs: `{"teacher": params}`. Metrics: `loss` (the objective, z-loss excluded),
+  `distill_loss` (cross-entropy to the teacher at the temperature), `kl` (KL to the teacher at the
+  temperature), `agreement` (top-1 agreement), `next_token_loss`, `accuracy`, `z_loss`. Held-out
+  batches give `nll_sum` and, at temperature 1, `kl_sum` and `agree`.
+  """
+
+  sums = distill_loss.AUX_KEYS
+
+  def __init__(self, model_cfg: ModelConfig, teacher: Teacher, *, temperature: float = 1.0,
+               alpha: float = 0.0, z_loss: float = 0.0, loss_chunk: int = 256):
+    super().__init__(model_cfg)
+    self.teacher = teacher
+    self.temperature, self.alpha, self.z_loss = float(temperature), float(alpha), float(z_loss)
+    self.loss_chunk = int(loss_chunk)
+    if self.loss_chunk <= 0:
+      raise ValueError(f"config.distill.loss_chunk must be a positive number of positions, got "
+                       f"{loss_chunk}")
+    distill_loss.distill_cross_entropy(  # refuses a bad temperature or alpha now, in one line
+        jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1), jnp.int32),
+        temperature=self.temperature, alpha=self.alpha)
+
+  def frozen_abstract(self) -> Any:
+    return {"teacher": state_lib.abstract_params(self.teacher.model_cfg)}
+
+  def load_frozen(self, shardings: Any) -> Any:
+    from maxgemma.checkpoint import Checkpointer  # noqa: PLC0415
+
+    abstract = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
+                                       nn.unbox(self.frozen_abstract()["teacher"]))}
+    ckpt = Checkpointer(self.teacher.workdir, read_only=True)
+    try:
+      restored = ckpt.restore(self.teacher.step, abstract, {"params": shardings["teacher"]})
+    finally:
+      ckpt.close()
+    return {"teacher": restored["params"]}
+
+  def _sums(self, params: Any, batch: Batch, frozen: Any, temperature: float, alpha: float,
+            z_loss: float) -> LossSums:
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden_BLD = Transformer(self.model_cfg).apply({"params": params}, *args, return_hidden=True)
+    teacher_params = jax.lax.stop_gradient(frozen["teacher"])
+    teacher_cfg = self.teacher.model_cfg
+    teacher_BLE = Transformer(teacher_cfg).apply({"params": teacher_params}, *args,
+                                                 return_hidden=True)
+    return distill_loss.chunked_distill_cross_entropy(
+        hidden_BLD, params["embedder"]["input_embedding"], teacher_BLE,
+        teacher_params["embedder"]["input_embedding"], batch["targets"], batch["loss_weights"],
+        chunk_size=self.loss_chunk, temperature=temperature, alpha=alpha, z_loss=z_loss,
+        final_softcap=self.model_cfg.final_logit_softcap,
+        teacher_softcap=teacher_cfg.final_logit_softcap, dtype=jnp.dtype(self.model_cfg.dtype),
+        teacher_dtype=jnp.dtype(teacher_cfg.dtype), flatten=self.model_cfg.flatten_matmuls)
+
+  def loss_sums(self, params: Any, batch: Batch, frozen: Any) -> LossSums:
+    return self._sums(params, batch, frozen, self.temperature, self.alpha, self.z_loss)
+
+  def metrics(self, sums: dict[str, jax.Array], denom: jax.Array) -> dict[str, jax.Array]:
+    return {"loss": sums["objective_sum"] / denom, "distill_loss": sums["distill_sum"] / denom,
+            "kl": sums["kl_sum"] / denom, "agreement": sums["agree"] / denom,
+            "next_token_loss": sums["nll_sum"] / denom, "accuracy": sums["correct"] / denom,
+            "z_loss": sums["z_loss_sum"] / denom}
+
+  def eval_sums(self, params: Any, batch: Batch, frozen: Any) -> dict[str, jax.Array]:
+    _, weight, sums = self._sums(params, batch, frozen, 1.0, 0.0, 0.0)
+    return {"nll_sum": sums["nll_sum"], "weight": weight, "kl_sum": sums["kl_sum"],
+            "agree": sums["agree"]}
+
+
+def from_config(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig) -> OnlineDistill:
+  """The distillation objective `cfg.distill` describes (the teacher checked first)."""
+  return OnlineDistill(model_cfg, teacher_config(cfg, model_cfg),
+                       temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
+                       z_loss=float(cfg.optim.z_loss), loss_chunk=int(cfg.distill.loss_chunk))
