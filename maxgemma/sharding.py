@@ -36,22 +36,35 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("act_batch", BATCH_AXES),
     ("act_length", None),
+    ("act_residual_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
 )
+# Megatron-style sequence parallelism of the residual stream (`mesh.shard_residuals`): between the
+# attention and feed-forward matmuls the residual is split along its length over `tensor`, so what
+# the backward pass saves is not copied on every chip of a tensor group. These rows replace
+# RULES' rows of the same name.
+SHARDED_RESIDUAL_RULES: tuple[tuple[str, Any], ...] = (("act_residual_length", "tensor"),)
 # Leaves with at least this many elements must not end up fully replicated on a sharded mesh.
 LARGE_LEAF = 1 << 20
 
 
 def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool = True
               ) -> tuple[tuple[str, Any], ...]:
-  """The rules table; with `shard_params=False` parameters are replicated over `fsdp` (ZeRO-1/2:
-  only the optimizer state is sharded)."""
-  if params and mesh_cfg is not None and not mesh_cfg.get("shard_params", True):
-    return tuple((k, None if k == "embed" else v) for k, v in RULES)
-  return RULES
+  """The rules table for `mesh_cfg`: with `shard_params=False` parameters are replicated over
+  `fsdp` (ZeRO-1/2: only the optimizer state is sharded); with `shard_residuals` the residual
+  stream's length is split over `tensor` (SHARDED_RESIDUAL_RULES). `None`: RULES as they are."""
+  rules = RULES
+  if mesh_cfg is None:
+    return rules
+  if mesh_cfg.get("shard_residuals", False):
+    override = dict(SHARDED_RESIDUAL_RULES)
+    rules = tuple((k, override.get(k, v)) for k, v in rules)
+  if params and not mesh_cfg.get("shard_params", True):
+    rules = tuple((k, None if k == "embed" else v) for k, v in rules)
+  return rules
 
 
 @contextlib.contextmanager

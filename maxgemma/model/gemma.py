@@ -22,6 +22,9 @@ from maxgemma.model.layers import Embedder, FeedForward, RMSNorm
 
 Array = jax.Array
 
+# The residual stream between the attention and feed-forward matmuls has its own length name, so
+# the rules may split it along the sequence (sequence parallelism) while the matmuls see it whole.
+RESIDUAL_AXES = ("act_batch", "act_residual_length", "act_embed")
 SAVED_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_out")
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -73,7 +76,7 @@ class Block(nn.Module):
     h_BLD = checkpoint_name(h_BLD, "attn_out")
     if cfg.use_post_attn_norm:
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_attention_norm")(h_BLD)
-    x_BLD = x_BLD + h_BLD
+    x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, RESIDUAL_AXES)
 
     h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="pre_ffw_norm")(x_BLD)
     h_BLD = FeedForward(cfg.d_model, cfg.ffn_dim, cfg.transpose_gating_einsum, dtype=dtype,
@@ -81,8 +84,7 @@ class Block(nn.Module):
     h_BLD = checkpoint_name(h_BLD, "mlp_out")
     if cfg.use_post_ffw_norm:
       h_BLD = RMSNorm(cfg.norm_eps, param_dtype=pdtype, name="post_ffw_norm")(h_BLD)
-    x_BLD = x_BLD + h_BLD
-    x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
+    x_BLD = nn.with_logical_constraint(x_BLD + h_BLD, RESIDUAL_AXES)
     return x_BLD, new_cache
 
 
@@ -142,7 +144,7 @@ class Transformer(nn.Module):
     seg_BL = segment_ids_BL if kernel else None
 
     x_BLD = self.embedder.encode(tokens_BL)
-    x_BLD = nn.with_logical_constraint(x_BLD, ("act_batch", "act_length", "act_embed"))
+    x_BLD = nn.with_logical_constraint(x_BLD, RESIDUAL_AXES)
     consts = layer_constants(cfg)
     if cfg.scan_layers:
       x_BLD, _ = self.layers(x_BLD, positions_BL, mask_BLS, consts, seg_BL)
