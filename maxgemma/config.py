@@ -88,6 +88,16 @@ def base_config() -> ml_collections.ConfigDict:
       loss_chunk=256,  # positions per chunk of both models' logits (no [B, L, V] logits)
       teacher_dtype="",  # the teacher's params and compute dtype ("" = its checkpoint's config)
   ))
+  c.dpo = ml_collections.ConfigDict(dict(  # docs/finetune.md
+      enabled=False, beta=0.1, label_smoothing=0.0,
+      reference="",  # a workdir whose latest checkpoint is the frozen reference ("" = the
+      # policy's starting weights: config.lora.base, or the fresh weights of train.seed)
+  ))
+  c.lora = ml_collections.ConfigDict(dict(  # docs/finetune.md
+      targets="",  # comma-separated of q,k,v,o,gate,up,down ("" = full fine-tuning)
+      rank=8, alpha=16.0, dropout=0.0,
+      base="",  # a workdir whose latest checkpoint is the frozen base ("" = fresh weights)
+  ))
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator="", num_processes=0, process_id=-1,  # all unset: single process or TPU auto
   ))

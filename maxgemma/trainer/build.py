@@ -24,9 +24,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxgemma import config as config_lib
-from maxgemma import optim, sharding
+from maxgemma import lora, optim, sharding
 from maxgemma.model.config import ModelConfig
-from maxgemma.trainer import distill
+from maxgemma.trainer import distill, dpo
 from maxgemma.trainer import objective as objective_lib
 from maxgemma.trainer import state as state_lib
 from maxgemma.trainer import step as step_lib
@@ -88,7 +88,10 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
   model_cfg = config_lib.model_config(cfg)
   if objective is None:
     chosen = distill.from_config if distill.enabled(cfg) else objective_lib.from_config
+    chosen = dpo.from_config if dpo.enabled(cfg) else chosen
     objective = chosen(cfg, model_cfg)
+    if lora.enabled(cfg):
+      objective = lora.wrap(cfg, objective)
   total = int(cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, total)
   schedule = optim.learning_rate_schedule(cfg.optim, total)

@@ -1,0 +1,247 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) on chosen projections of a frozen Gemma.
+
+Shape letters: R rank; the other dimensions keep their parameter's logical names.
+
+A target (`q`, `k`, `v`, `o`, `gate`, `up`, `down`) picks one projection of every layer. Its
+weight W, read as a map from its input dimensions to its output dimensions, gets the update
+`(alpha / rank) * A @ B`: A [input dims..., R] and B [R, output dims...], both annotated with the
+weight's own logical axes (the rank axis is unsharded), with a leading `layers` axis in the
+scanned model. A starts random and B at zero, so a fresh adapter leaves the model unchanged.
+
+Only the adapters are trained (the `LoRA` objective's parameters, hence the only optimizer state
+and the only parameters in checkpoints); the base model is a frozen input in its own dtype. Each
+step merges the adapters into the base weights (`merge`), which is also the merged export.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from maxgemma.trainer import state as state_lib
+from maxgemma.trainer.objective import Batch, LossSums, Objective
+
+# target -> (input logical axes, ((parameter module, index along its stacking axis or None), ...))
+TARGETS: dict[str, tuple[tuple[str, ...], tuple[tuple[str, int | None], ...]]] = {
+    "q": (("embed",), (("q_einsum", None), ("qkv_einsum", 0))),
+    "k": (("embed",), (("kv_einsum", 0), ("qkv_einsum", 1))),
+    "v": (("embed",), (("kv_einsum", 1), ("qkv_einsum", 2))),
+    "o": (("heads", "head_dim"), (("attn_vec_einsum", None),)),
+    "gate": (("embed",), (("gating_einsum", 0),)),
+    "up": (("embed",), (("gating_einsum", 1),)),
+    "down": (("mlp",), (("linear", None),)),
+}
+
+
+def parse_targets(targets: str | tuple[str, ...]) -> tuple[str, ...]:
+  """`"q,v"` -> ("q", "v"); refuses an unknown name in one line."""
+  names = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets)
+                if t.strip())
+  bad = [t for t in names if t not in TARGETS]
+  if bad or not names:
+    raise ValueError(f"config.lora.targets={','.join(names)!r}: {bad or 'nothing'} names no "
+                     f"projection; choose from {','.join(TARGETS)}")
+  return names
+
+
+def _sites(boxed_params: Any, targets: tuple[str, ...]) -> list[tuple[tuple[str, ...], str, Any]]:
+  """(path to the weight, target, its boxed leaf) for every adapted weight."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  sites = []
+  for path, leaf in flat:
+    keys = tuple(str(getattr(k, "key", k)) for k in path)
+    module = keys[-2] if keys[-1] in ("w",) else keys[-1]
+    for target in targets:
+      if any(module == name for name, _ in TARGETS[target][1]):
+        sites.append((keys, target, leaf))
+  missing = [t for t in targets if t not in {t for _, t, _ in sites}]
+  if missing:
+    raise ValueError(f"config.lora.targets: {','.join(missing)} names no parameter of this model; "
+                     "drop it from config.lora.targets")
+  return sites
+
+
+def _layout(keys: tuple[str, ...], target: str, names: tuple) -> tuple[int | None, list[int],
+                                                                       list[int]]:
+  """(stacking dimension or None, input dimensions, output dimensions) of the weight at `keys`,
+  excluding the leading `layers` dimension, which both adapter factors keep."""
+  module = keys[-2] if keys[-1] == "w" else keys[-1]
+  inputs, modules = TARGETS[target]
+  index = dict(modules)[module]
+  dims = [i for i, n in enumerate(names) if n != "layers"]
+  stack = None
+  if index is not None:
+    stack = next(i for i in dims if names[i] is None)
+  rest = [i for i in dims if i != stack]
+  return stack, [i for i in rest if names[i] in inputs], [i for i in rest if names[i] not in inputs]
+
+
+def _set(tree: dict, keys: tuple[str, ...], value: Any) -> None:
+  for k in keys[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[keys[-1]] = value
+
+
+def _get(tree: Any, keys: tuple[str, ...]) -> Any:
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+def abstract_adapters(boxed_params: Any, targets: tuple[str, ...], rank: int,
+                      dtype=jnp.float32) -> dict:
+  """Boxed shapes of the adapters: `{<weight path>: {target: {"a", "b"}}}`."""
+  if rank < 1:
+    raise ValueError(f"config.lora.rank must be at least 1, got {rank}")
+  out: dict = {}
+  for keys, target, leaf in _sites(boxed_params, targets):
+    shape, names = leaf.value.shape, tuple(leaf.names)
+    stack, ins, outs = _layout(keys, target, names)
+    lead = tuple(i for i, n in enumerate(names) if n == "layers")
+
+    def box(dims, pre, post, shape=shape, names=names, lead=lead):
+      return nn.LogicallyPartitioned(
+          jax.ShapeDtypeStruct(tuple(shape[i] for i in lead) + pre
+                               + tuple(shape[i] for i in dims) + post, dtype),
+          tuple(names[i] for i in lead) + (None,) * len(pre) + tuple(names[i] for i in dims)
+          + (None,) * len(post))
+
+    _set(out, keys + (target,), {"a": box(ins, (), (rank,)), "b": box(outs, (rank,), ())})
+  return out
+
+
+def init_adapters(abstract: dict, rng: jax.Array) -> dict:
+  """A ~ N(0, 1/fan_in) (fan_in: the size of its input dimensions), B = 0 (unboxed)."""
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_box)
+  out = []
+  for (path, box), key in zip(flat, jax.random.split(rng, len(flat)), strict=True):
+    x = box.value
+    if str(getattr(path[-1], "key", "")) == "b":
+      out.append(jnp.zeros(x.shape, x.dtype))
+      continue
+    fan_in = 1
+    for d, name in zip(x.shape[:-1], box.names[:-1], strict=True):
+      fan_in *= 1 if name == "layers" else d
+    out.append((jax.random.normal(key, x.shape, jnp.float32) / fan_in ** 0.5).astype(x.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def merge(base: Any, adapters: dict, boxed_base: Any, *, alpha: float, rank: int) -> Any:
+  """The base parameters with every adapter's `(alpha / rank) * A @ B` added (in the base dtype)."""
+  scale = float(alpha) / float(rank)
+  merged = jax.tree.map(lambda x: x, base)
+  targets = tuple(sorted({keys[-1] for keys in _adapter_paths(adapters)}))
+  for keys, target, leaf in _sites(boxed_base, targets):
+    names = tuple(leaf.names)
+    stack, ins, outs = _layout(keys, target, names)
+    ad = _get(adapters, keys + (target,))
+    lead = [i for i, n in enumerate(names) if n == "layers"]
+    letters = iter(string.ascii_letters.replace("z", ""))
+    sym = {i: next(letters) for i in range(len(names))}
+    spec_a = "".join(sym[i] for i in lead + ins) + "z"
+    spec_b = "".join(sym[i] for i in lead) + "z" + "".join(sym[i] for i in outs)
+    out_dims = [i for i in range(len(names)) if i != stack]
+    spec_out = "".join(sym[i] for i in out_dims)
+    w = _get(merged, keys)
+    delta = scale * jnp.einsum(f"{spec_a},{spec_b}->{spec_out}", ad["a"].astype(jnp.float32),
+                               ad["b"].astype(jnp.float32))
+    if stack is not None:
+      index = dict(TARGETS[target][1])[keys[-2] if keys[-1] == "w" else keys[-1]]
+      w = w.at[(slice(None),) * stack + (index,)].add(delta.astype(w.dtype))
+    else:
+      w = w + delta.astype(w.dtype)
+    _set(merged, keys, w)
+  return merged
+
+
+def _adapter_paths(adapters: dict) -> list[tuple[str, ...]]:
+  """The paths `(<weight path>..., target)` of every adapter."""
+  flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
+  return sorted({tuple(str(getattr(k, "key", k)) for k in p[:-1]) for p, _ in flat})
+
+
+class LoRA(Objective):
+  """Any objective, trained through low-rank adapters on a frozen base.
+
+  Parameters: the adapters. Frozen inputs: `{"base": the base parameters, **the inner
+  objective's}`. Batches, sums and metrics are the inner objective's.
+  """
+
+  def __init__(self, inner: Objective, *, targets: str | tuple[str, ...], rank: int,
+               alpha: float, dropout: float = 0.0, load_base=None):
+    super().__init__(inner.model_cfg)
+    if dropout:
+      raise ValueError(f"config.lora.dropout={dropout}: adapter dropout is not supported (the "
+                       "adapters are merged into the weights each step); set it to 0")
+    self.inner, self.targets = inner, parse_targets(targets)
+    self.rank, self.alpha = int(rank), float(alpha)
+    self.sums = inner.sums
+    self._load_base = load_base
+    self._boxed_base = state_lib.abstract_params(self.model_cfg)
+    if "base" in inner.frozen_abstract():
+      raise ValueError("the inner objective already has a frozen input named 'base'")
+    self._abstract = abstract_adapters(self._boxed_base, self.targets, self.rank)
+
+  def abstract_params(self) -> Any:
+    return self._abstract
+
+  def init_params(self, rng: jax.Array) -> Any:
+    return init_adapters(self._abstract, rng)
+
+  def frozen_abstract(self) -> Any:
+    return {"base": self._boxed_base, **self.inner.frozen_abstract()}
+
+  def load_frozen(self, shardings: Any) -> Any:
+    if self._load_base is None:
+      raise ValueError("the LoRA objective has no base model: pass load_base (a function of the "
+                       "base shardings returning its parameters)")
+    rest = {k: v for k, v in shardings.items() if k != "base"}
+    return {"base": self._load_base(shardings["base"]), **self.inner.load_frozen(rest)}
+
+  def merged(self, adapters: Any, base: Any) -> Any:
+    """The base parameters with the adapters merged in."""
+    return merge(jax.lax.stop_gradient(base), adapters, self._boxed_base, alpha=self.alpha,
+                 rank=self.rank)
+
+  def _split(self, params: Any, frozen: Any) -> tuple[Any, Any]:
+    return self.merged(params, frozen["base"]), {k: v for k, v in frozen.items() if k != "base"}
+
+  def batch_spec(self, global_batch: int, seq_len: int):
+    return self.inner.batch_spec(global_batch, seq_len)
+
+  def weight(self, batch: Batch) -> jax.Array:
+    return self.inner.weight(batch)
+
+  def loss_sums(self, params: Any, batch: Batch, frozen: Any) -> LossSums:
+    merged, rest = self._split(params, frozen)
+    return self.inner.loss_sums(merged, batch, rest)
+
+  def metrics(self, sums, denom):
+    return self.inner.metrics(sums, denom)
+
+  def eval_sums(self, params: Any, batch: Batch, frozen: Any) -> dict[str, jax.Array]:
+    merged, rest = self._split(params, frozen)
+    return self.inner.eval_sums(merged, batch, rest)
+
+
+def enabled(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `cfg` trains LoRA adapters (`config.lora.targets` set)."""
+  return bool(cfg.get("lora", {}).get("targets", ""))
+
+
+def wrap(cfg: ml_collections.ConfigDict, inner: Objective) -> LoRA:
+  """`inner` trained through the adapters `cfg.lora` describes, on the base `cfg.lora.base` (a
+  workdir's latest checkpoint; "" = the weights a fresh run with `train.seed` starts from)."""
+  from maxgemma.trainer.dpo import params_loader  # noqa: PLC0415
+
+  c = cfg.lora
+  return LoRA(inner, targets=str(c.targets), rank=int(c.rank), alpha=float(c.alpha),
+              dropout=float(c.dropout),
+              load_base=params_loader(inner.model_cfg, str(c.base), int(cfg.train.seed)))
