@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import tempfile
 import time
 from typing import Any
@@ -19,43 +18,17 @@ import ml_collections
 from absl import logging
 
 from maxgemma import config as config_lib
-from maxgemma import distributed, feed, metrics, sharding, storage
+from maxgemma import distributed, feed, metrics, runlock, sharding, storage
 from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
 from maxgemma.model import flops
 from maxgemma.trainer.build import Setup, build
+from maxgemma.trainer.preemption import Preemption
 
 
 class NonFiniteError(RuntimeError):
   """A step produced a NaN/Inf loss or gradient (and `train.nan_policy` is "stop")."""
-
-
-class _Preemption:
-  """When to stop for a preemption (then the loop saves and exits 0).
-
-  Several processes must agree on the step: jax.distributed's preemption service (which catches
-  SIGTERM and the TPU maintenance notice) gives that sync point. A single process turns SIGTERM
-  into a flag checked between steps.
-  """
-
-  def __init__(self, ckpt: Checkpointer):
-    self._ckpt = ckpt
-    self._flag = False
-    self._previous = None
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
-    self._flag = True
-
-  def reached(self, step: int) -> bool:
-    return self._flag or self._ckpt.manager.reached_preemption(step)
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _feed_plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> feed.FeedPlan:
@@ -114,11 +87,20 @@ def _stop_trace(trace_dir: str, workdir: str) -> None:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains to `cfg.train.steps`, resuming from `workdir`; returns the last logged metrics."""
+  """Trains to `cfg.train.steps`, resuming from `workdir`; returns the last logged metrics.
+
+  Holds the workdir's run lock throughout (maxgemma/runlock.py): a workdir in use by another live
+  run raises RunLockError before anything is written.
+  """
   distributed.initialize(cfg.distributed)
   config_lib.check_keys(cfg)
-  model_cfg = config_lib.model_config(cfg)
   storage.check_bucket(workdir, "--workdir")
+  with runlock.hold(workdir, stale_s=cfg.checkpoint.lock_stale_s):
+    return _train(cfg, workdir)
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  model_cfg = config_lib.model_config(cfg)
   if jax.process_index() == 0:
     storage.write_text(storage.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2))
   logging.info("%s", distributed.process_summary())
@@ -145,7 +127,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   writer = metrics.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
   profile = tuple(int(s) for s in cfg.train.profile_steps.split(":")) \
       if cfg.train.profile_steps else None
-  preemption = _Preemption(ckpt)
+  preemption = Preemption(ckpt, start)
   last: dict[str, Any] = {}
   clock = {"t": time.perf_counter()}
 
