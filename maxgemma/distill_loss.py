@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses: against a teacher's logits (online) or its sampled top-k (offline).
+"""Knowledge-distillation losses: a teacher's logits (online) or its sampled top-k (offline).
 
 Shape letters: B batch, L length, D student d_model, E teacher d_model, V vocab, K sampled ids per
 token, C chunks, S positions per chunk.
