@@ -149,7 +149,7 @@ def merge(base: Any, adapters: dict, boxed_base: Any, *, alpha: float, rank: int
     spec_b = "".join(sym[i] for i in lead) + "z" + "".join(sym[i] for i in outs)
     out_dims = [i for i in range(len(names)) if i != stack]
     spec_out = "".join(sym[i] for i in out_dims)
-    w = _get(merged, keys)
+    w = jnp.asarray(_get(merged, keys))
     delta = scale * jnp.einsum(f"{spec_a},{spec_b}->{spec_out}", ad["a"].astype(jnp.float32),
                                ad["b"].astype(jnp.float32))
     if stack is not None:
