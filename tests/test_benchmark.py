@@ -3,8 +3,13 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
+
+import pytest
+
+from maxgemma.model.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +37,23 @@ def test_smoke_grid_writes_json_and_markdown(tmp_path):
   for key in ("tokens_per_s", "step_s", "mfu", "compile_s", "peak_memory_bytes",
               "model_flops_per_step"):
     assert row[key] > 0, key
-  assert row["final_loss"] == row["final_loss"]  # finite, not NaN
+  # Two steps on one batch of uniform random tokens: the first loss is near ln(vocab) (an
+  # untrained model), and the update lowers the loss on that same batch.
+  cfg = get_preset("tiny_gemma1_mqa")
+  first, final = row["loss_after_warmup"], row["final_loss"]
+  assert math.isfinite(first) and math.isfinite(final), (first, final)
+  assert abs(first - math.log(cfg.vocab_size)) < 1.0, first
+  assert final < first, (first, final)
+  # Model FLOPs counted by hand: 6 per matmul weight (all but the norm scales; the tied
+  # embedding is the logits matmul) and 12 * heads * head_dim per causal (query, key) pair.
+  L, B = 64, 2
+  norm_scales = (2 * cfg.num_layers + 1) * cfg.d_model
+  dense = 6 * (row["params"] - norm_scales)
+  attention = 12 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (L * (L + 1) / 2) / L
+  assert row["model_flops_per_step"] == pytest.approx((dense + attention) * B * L, rel=1e-9)
+  # MFU against the whole CPU's measured peak (fake devices share its cores: one device).
+  assert row["mfu"] == pytest.approx((dense + attention) * B * L
+                                     / (row["step_s"] * row["peak_flops_per_device"]), rel=1e-9)
   text = doc.read_text()
   assert "kept text" in text and "cpu-tiny" in text
   bench.write_markdown(str(doc), "smoke", "new table")

@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -11,7 +12,6 @@ import numpy as np
 import pytest
 
 from maxgemma import checkpoint
-from maxgemma.model import flops
 from maxgemma.trainer.loop import train
 from tests.train_utils import (
   PEAK,
@@ -23,6 +23,19 @@ from tests.train_utils import (
   tiny_config,
   train_command,
 )
+
+
+def _hand_counted_flops_per_token(params, model_cfg, L: int) -> float:
+  """Training FLOPs per token, not from maxgemma.model.flops: 6 per matmul weight of the saved
+  tree (all but the norm scales; the tied embedding is the logits matmul) plus 12 * heads *
+  head_dim per (query, key) pair each layer's causal, windowed mask allows, counted by brute
+  force."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  weights = sum(x.size for path, x in leaves if "norm" not in jax.tree_util.keystr(path))
+  i = np.arange(L)
+  windows = [model_cfg.sliding_window if t == "local" else L + 1 for t in model_cfg.layer_types()]
+  pairs = sum(((i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)).sum() for w in windows)
+  return 6 * weights + 12 * model_cfg.num_heads * model_cfg.head_dim * pairs / L
 
 
 def test_trains_checkpoints_and_logs_consistent_metrics(tmp_path):
@@ -37,9 +50,9 @@ def test_trains_checkpoints_and_logs_consistent_metrics(tmp_path):
   assert checkpoint.Checkpointer(str(tmp_path)).all_steps() == [3, 6]
   records = [r for r in logged(str(tmp_path)) if "loss" in r]
   assert [r["step"] for r in records] == list(range(1, 7))
-  model_cfg = checkpoint.load_params(str(tmp_path))[1]
+  params, model_cfg, _ = checkpoint.load_params(str(tmp_path))
   tokens = cfg.train.global_batch * cfg.train.seq_len
-  flops_per_step = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens
+  flops_per_step = _hand_counted_flops_per_token(params, model_cfg, cfg.train.seq_len) * tokens
   for r in records:
     assert r["tokens_per_sec"] == pytest.approx(tokens / r["step_time"], rel=1e-9)
     assert r["mfu"] == pytest.approx(flops_per_step / (r["step_time"] * 8 * PEAK), rel=1e-9)
@@ -174,10 +187,19 @@ def test_corrupt_checkpoint_gets_a_clear_error_and_is_kept(tmp_path):
 
 
 def test_nan_stops_without_a_checkpoint(tmp_path):
+  """A non-finite step stops the run, and no checkpoint of that step (or later) is written:
+  with a save every step, the checkpoints are exactly the steps before it, their weights finite."""
   cfg = tiny_config(**{"train.steps": 4, "checkpoint.every": 1, "optim.learning_rate": 1e30,
                        "optim.warmup_steps": 0, "optim.clip_norm": 0.0})
-  with pytest.raises(RuntimeError, match=r"step \d+: non-finite .*no checkpoint written"):
+  with pytest.raises(RuntimeError, match=r"step \d+: non-finite .*no checkpoint written") as err:
     train(cfg, str(tmp_path))
+  bad = int(re.search(r"step (\d+): non-finite", str(err.value)).group(1))
+  assert 1 <= bad <= 4
+  saved = checkpoint.Checkpointer(str(tmp_path)).all_steps()
+  assert saved == list(range(1, bad)), (bad, saved)
+  if saved:
+    params = checkpoint.load_params(str(tmp_path))[0]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
 @pytest.fixture
