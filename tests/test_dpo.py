@@ -105,3 +105,12 @@ def test_first_loss_is_log_two_and_accuracy_rises():
   print(f"held-out preference accuracy after {steps} steps: {accuracy:.3f}")
   assert accuracy > 0.9, (accuracy, [float(h["loss"]) for h in history])
   assert float(history[-1]["chosen_logp"]) > float(history[0]["chosen_logp"])
+
+
+def test_the_trainer_refuses_dpo_without_preference_data(tmp_path):
+  from maxgemma.trainer.loop import train
+
+  with pytest.raises(ValueError, match=r"config.dpo.enabled=True: maxgemma.train has no "
+                                       r"preference-data input"):
+    train(tiny_config(**{"dpo.enabled": True}), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""Preemption of a multi-process run: SIGTERM to a `launch.local` job (2 processes x 2 devices).
+"""Preemption of a multi-process run: SIGTERM to a `launch.local` job (2 processes x 1 device).
 
 Nothing is mocked: jax.distributed's preemption service catches SIGTERM in each process, and its
 sync protocol (`multihost_utils.reached_preemption_sync_point`, asked after every step: see
@@ -8,6 +8,8 @@ notice) while it trains, resumed, and stopped again by SIGTERM to process 1 alon
 tells process 0) as soon as it has restored, before its first step.
 The learning-rate horizon is fixed (`optim.decay_steps`), so an uninterrupted job of as many steps
 is the reference: every step's loss and the parameters saved at the end must equal it, bit for bit.
+One device per process: a cross-process sum of two operands is exact in any order, so the
+comparison tests the checkpoint and resume, not the order in which gloo adds partial sums.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ ARGS = (f"--config.optim.decay_steps={STEPS}", "--config.checkpoint.every=1000",
 
 
 def launcher(workdir: str, log_dir: Path, steps: int = STEPS) -> list[str]:
-  return [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=2",
+  return [sys.executable, "-m", "launch.local", "--processes=2", "--devices_per_process=1",
           f"--log_dir={log_dir}", "--grace_s=30", "--",
           *train_command(workdir, *ARGS, f"--config.train.steps={steps}")[3:]]
 

@@ -94,6 +94,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   distributed.initialize(cfg.distributed)
   config_lib.check_keys(cfg)
+  if cfg.get("dpo", {}).get("enabled", False):
+    raise ValueError("config.dpo.enabled=True: maxgemma.train has no preference-data input yet "
+                     "(its batches would not be chosen/rejected pairs); build the DPO step with "
+                     "maxgemma.trainer.build on dpo.pack_pair batches (docs/finetune.md)")
   storage.check_bucket(workdir, "--workdir")
   with runlock.hold(workdir, stale_s=cfg.checkpoint.lock_stale_s):
     return _train(cfg, workdir)
