@@ -42,7 +42,7 @@ def test_smoke_grid_writes_json_and_markdown(tmp_path):
   cfg = get_preset("tiny_gemma1_mqa")
   first, final = row["loss_after_warmup"], row["final_loss"]
   assert math.isfinite(first) and math.isfinite(final), (first, final)
-  assert abs(first - math.log(cfg.vocab_size)) < 1.0, first
+  assert abs(first - math.log(cfg.vocab_size)) < 1.5, first
   assert final < first, (first, final)
   # Model FLOPs counted by hand: 6 per matmul weight (all but the norm scales; the tied
   # embedding is the logits matmul) and 12 * heads * head_dim per causal (query, key) pair.
