@@ -141,6 +141,7 @@ def tiny_teacher(tmp_path_factory):
   return _save_teacher(tiny_config(), str(tmp_path_factory.mktemp("tiny_teacher")))
 
 
+@pytest.mark.slow
 def test_resumed_distillation_equals_an_uninterrupted_run(tiny_teacher, tmp_path):
   overrides = {"train.steps": 4, "checkpoint.every": 2, "optim.warmup_steps": 1,
                "distill.temperature": 2.0, "distill.alpha": 0.5}
