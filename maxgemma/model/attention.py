@@ -26,7 +26,8 @@ def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS:
                           *, softcap: float | None = None, impl: str = "xla",
                           segment_ids_BL: Array | None = None,
                           window: Array | int = GLOBAL_WINDOW,
-                          windows: tuple[int, ...] = (GLOBAL_WINDOW,)) -> Array:
+                          windows: tuple[int, ...] = (GLOBAL_WINDOW,),
+                          splash_blocks: tuple[int | bool, ...] = ()) -> Array:
   """softmax(q k^T [soft-capped], masked) v, returning [B, L, N, H]; q must be pre-scaled.
 
   "xla" uses the dense `mask_BLS` (`attention_reference.masked_attention`). The kernels
@@ -37,7 +38,8 @@ def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS:
   if impl != "xla" and mask_BLS is None:
     return attention_kernels.attend(q_BLNH, k_BSKH, v_BSKH, impl=impl,
                                     segment_ids_BL=segment_ids_BL, window=window,
-                                    windows=windows, softcap=softcap)
+                                    windows=windows, softcap=softcap,
+                                    splash_blocks=splash_blocks)
   return masked_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=softcap)
 
 
@@ -54,6 +56,7 @@ class Attention(nn.Module):
   norm_eps: float = 1e-6
   impl: str = "xla"
   windows: tuple[int, ...] = (GLOBAL_WINDOW,)  # the model's distinct windows (kernel impls)
+  splash_blocks: tuple[int | bool, ...] = ()  # ModelConfig.splash_block_sizes() (splash impl)
   dtype: jnp.dtype = jnp.bfloat16
   param_dtype: jnp.dtype = jnp.float32
 
@@ -96,7 +99,8 @@ class Attention(nn.Module):
                               checkpoint_name(v_BSKH, "qkv_proj"))
     out_BLNH = dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask_BLS, softcap=self.softcap,
                                      impl=self.impl, segment_ids_BL=segment_ids_BL,
-                                     window=window, windows=self.windows)
+                                     window=window, windows=self.windows,
+                                     splash_blocks=self.splash_blocks)
     out_BLNH = checkpoint_name(out_BLNH, "attn_context")
     out_BLD = einsum("attn_vec_einsum", (N, H, D), ("heads", "head_dim", "embed"),
                      dense_init((0, 1), 2))("BLNH,NHD->BLD", out_BLNH)

@@ -23,6 +23,7 @@ Shape letters: B batch, L query length, S key length, N query heads, K key/value
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
@@ -49,16 +50,19 @@ def _fallback_warning(impl: str, reason: str) -> None:
 
 def attend(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, *, impl: str,
            segment_ids_BL: Array | None, window: Array | int, windows: Sequence[int] = (),
-           softcap: float | None = None, interpret: bool = False) -> Array:
+           softcap: float | None = None, interpret: bool = False,
+           splash_blocks: tuple[int | bool, ...] = ()) -> Array:
   """Causal self-attention (q pre-scaled) within segments and the layer's `window`: [B, L, N, H].
 
   `window` is the layer's window: an int (GLOBAL_WINDOW for global) or a traced scalar taking
-  one of the values of `windows`, the model's distinct windows.
+  one of the values of `windows`, the model's distinct windows. `splash_blocks`: the splash tiles
+  (`ModelConfig.splash_block_sizes()`; empty or 0: `splash_block`).
   """
   if impl not in KERNEL_IMPLS:
     raise ValueError(f"unknown kernel attention_impl {impl!r}; known: {', '.join(KERNEL_IMPLS)}")
   kernel = {"dot_product": _dot_product, "splash": _splash}[impl]
-  fn = functools.partial(kernel, softcap=softcap, interpret=interpret)
+  extra = {"blocks": tuple(splash_blocks)} if impl == "splash" else {}
+  fn = functools.partial(kernel, softcap=softcap, interpret=interpret, **extra)
   w = static_window(window)
   if w is not None:
     return fn(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, w)
@@ -117,11 +121,43 @@ def splash_block(length: int) -> int | None:
   return next((b for b in (512, 256, 128) if length % b == 0), None)
 
 
+_BLOCK_NAMES = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
+
+
+def splash_block_sizes(length: int, blocks: Sequence[int | bool] = ()) -> dict[str, int | bool]:
+  """`BlockSizes` fields for `length` from `blocks` (the 8 tiles then the fused-backward flag):
+  a tile 0 (or missing) is `splash_block(length)`, a compute tile 0 its block; with the fused
+  backward the dq tiles are None. Raises ValueError naming the model key of a tile that does not
+  divide the length."""
+  blocks = tuple(blocks) + (0,) * (len(_BLOCK_NAMES) + 1 - len(blocks))
+  fused = bool(blocks[-1])
+  default = splash_block(length)
+  sizes: dict[str, int | bool | None] = {}
+  for name, value in zip(_BLOCK_NAMES, blocks[:-1], strict=True):
+    if value and length % value:
+      raise ValueError(f"model.splash_{name}={value} does not divide the sequence length "
+                       f"{length}; use a divisor of it or 0 (default)")
+    sizes[name] = int(value) or default
+  for compute, block in (("block_kv_compute", "block_kv"),
+                         ("block_kv_dkv_compute", "block_kv_dkv")):
+    sizes[compute] = int(blocks[_BLOCK_NAMES.index(compute)]) or sizes[block]
+    if sizes[block] % sizes[compute]:
+      raise ValueError(f"model.splash_{compute}={sizes[compute]} does not divide the "
+                       f"splash_{block} tile {sizes[block]}; use a divisor of it")
+  if fused:
+    sizes["block_q_dq"] = sizes["block_kv_dq"] = None
+  sizes["use_fused_bwd_kernel"] = fused
+  return sizes
+
+
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(num_heads: int, length: int, window: int, softcap: float | None,
-                   interpret: bool):
+                   interpret: bool, blocks: tuple[int | bool, ...] = ()):
   """The cached splash kernel; its mask arrays are built concrete (never tracers of the trace
-  that first asked for it), so a later trace may reuse it."""
+  that first asked for it), so a later trace may reuse it. It is built on a fresh thread: no
+  trace and no mesh in context there, so the arrays land on the host's default device even
+  while an AOT compile for a TPU topology (whose devices cannot run anything) is being traced."""
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
   shape = (length, length)
@@ -129,21 +165,20 @@ def _splash_kernel(num_heads: int, length: int, window: int, softcap: float | No
     head_mask = sa.CausalMask(shape)
   else:  # causal and `q - k < window`: (window - 1) keys to the left, none to the right
     head_mask = sa.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-  b = splash_block(length)
-  blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  with jax.ensure_compile_time_eval():
-    return sa.make_splash_mha(sa.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks,
-                              head_shards=1, q_seq_shards=1, attn_logits_soft_cap=softcap,
-                              interpret=interpret)
+  block_sizes = sa.BlockSizes(**splash_block_sizes(length, blocks))
+  make = functools.partial(sa.make_splash_mha, sa.MultiHeadMask([head_mask] * num_heads),
+                           block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+                           attn_logits_soft_cap=softcap, interpret=interpret)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(make).result()
 
 
-def _splash_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, window: int, softcap, interpret):
+def _splash_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, window: int, softcap, interpret, blocks=()):
   """The kernel on one device's shard: vmapped over the batch, heads-major layout inside."""
   from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
   N, L = q_BLNH.shape[2], q_BLNH.shape[1]
-  kernel = _splash_kernel(N, L, window, softcap, interpret)
+  kernel = _splash_kernel(N, L, window, softcap, interpret, blocks)
   q_BNLH = jnp.swapaxes(q_BLNH, 1, 2)
   k_BKSH = jnp.swapaxes(k_BSKH, 1, 2)
   v_BKSH = jnp.swapaxes(v_BSKH, 1, 2)
@@ -153,7 +188,7 @@ def _splash_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, window: int, softcap, inter
 
 
 def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
-            interpret: bool = False) -> Array:
+            interpret: bool = False, blocks: tuple[int | bool, ...] = ()) -> Array:
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
   if not interpret and target_platform() != "tpu":
@@ -165,7 +200,8 @@ def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
     return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
   seg_BL = (jnp.ones((B, L), jnp.int32) if segment_ids_BL is None
             else segment_ids_BL.astype(jnp.int32))
-  local = functools.partial(_splash_local, window=window, softcap=softcap, interpret=interpret)
+  local = functools.partial(_splash_local, window=window, softcap=softcap, interpret=interpret,
+                            blocks=blocks)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return local(q_BLNH, k_BSKH, v_BSKH, seg_BL)

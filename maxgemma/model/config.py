@@ -18,6 +18,8 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_p
 ATTENTION_IMPLS = ("xla", "dot_product", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("gemma1", "gemma2", "gemma3")
+SPLASH_BLOCKS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                 "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,17 @@ class ModelConfig:
   # Feed-forward and logits matmuls on [B*L, D] instead of [B, L, D]: plain 2-D matmuls, faster
   # on XLA:CPU; off for TPU pods, where some layouts need more HBM (docs/performance.md).
   flatten_matmuls: bool = False
+  # Splash kernel tiles (attention_impl "splash"), the fields of its BlockSizes; 0: the largest of
+  # 512, 256, 128 dividing the length. Each must divide the sequence length.
+  splash_block_q: int = 0
+  splash_block_kv: int = 0
+  splash_block_kv_compute: int = 0  # divides splash_block_kv
+  splash_block_q_dkv: int = 0
+  splash_block_kv_dkv: int = 0
+  splash_block_kv_dkv_compute: int = 0  # divides splash_block_kv_dkv
+  splash_block_q_dq: int = 0  # unused (must stay 0) with splash_fused_bwd
+  splash_block_kv_dq: int = 0
+  splash_fused_bwd: bool = False  # one backward kernel for dq, dk and dv
 
   @property
   def num_groups(self) -> int:
@@ -77,6 +90,11 @@ class ModelConfig:
     """Each layer's attention window (`GLOBAL_WINDOW` for global layers)."""
     return tuple(self.sliding_window if t == "local" else GLOBAL_WINDOW
                  for t in self.layer_types())
+
+  def splash_block_sizes(self) -> tuple[int | bool, ...]:
+    """The splash tiles in `BlockSizes` order (block_q ... block_kv_dq, use_fused_bwd_kernel)."""
+    return tuple(getattr(self, f"splash_{name}") for name in SPLASH_BLOCKS) + (
+        self.splash_fused_bwd,)
 
   def replace(self, **changes) -> ModelConfig:
     """A copy with fields changed; unknown names get an error listing the valid ones."""
@@ -122,7 +140,27 @@ class ModelConfig:
         raise ValueError(f"model.{name} must be positive or None, got {value!r}")
     if seq_len is not None and seq_len > self.max_seq_len:
       raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len ({self.max_seq_len})")
+    self._check_splash_blocks(seq_len)
     return self
+
+  def _check_splash_blocks(self, seq_len: int | None) -> None:
+    for name in SPLASH_BLOCKS:
+      value = getattr(self, f"splash_{name}")
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"model.splash_{name} must be a non-negative integer (0: default), "
+                         f"got {value!r}")
+      if value and seq_len is not None and seq_len % value:
+        raise ValueError(f"model.splash_{name}={value} does not divide the sequence length "
+                         f"{seq_len}; use a divisor of it (e.g. 512, 1024, 2048) or 0 (default)")
+    for compute, block in (("block_kv_compute", "block_kv"),
+                           ("block_kv_dkv_compute", "block_kv_dkv")):
+      c, b = getattr(self, f"splash_{compute}"), getattr(self, f"splash_{block}")
+      if c and b and b % c:
+        raise ValueError(f"model.splash_{compute}={c} does not divide model.splash_{block}={b}; "
+                         f"use a divisor of splash_{block} or 0 (the same as it)")
+    if self.splash_fused_bwd and (self.splash_block_q_dq or self.splash_block_kv_dq):
+      raise ValueError("model.splash_block_q_dq and model.splash_block_kv_dq must be 0 with "
+                       "model.splash_fused_bwd=True (the fused backward has no dq kernel)")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

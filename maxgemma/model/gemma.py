@@ -68,7 +68,7 @@ class Block(nn.Module):
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         d_model=cfg.d_model, query_scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
         use_qk_norm=cfg.use_qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl,
-        windows=tuple(sorted(set(cfg.layer_windows()))),
+        windows=tuple(sorted(set(cfg.layer_windows()))), splash_blocks=cfg.splash_block_sizes(),
         dtype=dtype, param_dtype=pdtype, name="attn",
     )(h_BLD, positions_BL, mask_BLS, layer_xs["rope_base"], layer_xs["rope_scale"], cache=cache,
       segment_ids_BL=segment_ids_BL, window=layer_xs["window"])
