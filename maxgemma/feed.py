@@ -99,8 +99,9 @@ def check_batch(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1) -> Non
   dp, k, B = data_parallel_size(mesh), int(grad_accum_steps), int(global_batch)
   if B % dp or B % k or (B // k) % dp:
     raise ValueError(f"train.global_batch ({B}) must be divisible by the data-parallel size "
-                     f"{dp} (mesh.ici_data x mesh.ici_fsdp x mesh.dcn_data x mesh.dcn_fsdp = "
-                     f"{' x '.join(str(mesh.shape[a]) for a in sharding.BATCH_AXES)}) and by "
+                     f"{dp} (data x fsdp = "
+                     f"{' x '.join(str(mesh.shape[a]) for a in sharding.BATCH_AXES)}, each ICI x "
+                     f"DCN: mesh.ici_data, mesh.dcn_data, mesh.ici_fsdp, mesh.dcn_fsdp) and by "
                      f"optim.grad_accum_steps ({k}) into micro-batches that still are; try "
                      f"train.global_batch={dp * k * max(1, B // (dp * k))}")
 

@@ -73,7 +73,7 @@ def test_a_layout_the_loader_shards_cannot_feed_is_refused():
                                        r"between processes.*use a multiple of"):
     feed.plan(mesh, B, 1)
   with pytest.raises(ValueError, match=r"train.global_batch \(100\) must be divisible by the "
-                                       r"data-parallel size 16 .*mesh.ici_fsdp"):
+                                       r"data-parallel size 16 \(data x fsdp = 1 x 16.*ici_fsdp"):
     feed.plan(mesh, 100, 100)
 
 

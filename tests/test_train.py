@@ -161,7 +161,8 @@ def test_unknown_config_key_names_the_nearest(tmp_path):
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path):
   with pytest.raises(ValueError, match=r"train.global_batch \(6\) must be divisible by the "
-                                       r"data-parallel size data x fsdp = 8"):
+                                       r"data-parallel size 8 \(data x fsdp = 8 x 1, each ICI x "
+                                       r"DCN: mesh.ici_data, .*\).* try train.global_batch=8"):
     train(tiny_config(**{"train.global_batch": 6}), str(tmp_path))
 
 
