@@ -31,7 +31,7 @@ def get_config():
                  splash_block_q_dq=512, splash_block_kv_dq=512, splash_fused_bwd=False)
   c.train.seq_len = 8192
   c.train.global_batch = PODS * 512  # each pod's share as in gemma_7b_v5e_1pod.py: 67M tokens
-  c.train.loss_chunk = 1024  # no [B, 8192, 256128] float32 logits
+  c.train.loss_chunk = 512  # no [B, 8192, 256128] float32 logits; 1024: 16 pods do not fit
   c.mesh.ici_data = 1
   c.mesh.ici_fsdp = 16
   c.mesh.ici_tensor = 16
