@@ -32,8 +32,12 @@ def tree(tmp_path):
 
 
 def _dry_run(tree: Path, target: str) -> str:
-  p = subprocess.run(["make", "-n", target, "VENV=venv", "PYTHON=python3"], cwd=tree,
-                     capture_output=True, text=True, timeout=60)
+  # A clean environment: under `make test` the parent make's MAKEFLAGS/MAKELEVEL would make this
+  # one print "Entering directory" lines.
+  env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+  p = subprocess.run(["make", "--no-print-directory", "-n", target, "VENV=venv",
+                      "PYTHON=python3"], cwd=tree, env=env, capture_output=True, text=True,
+                     timeout=60)
   assert p.returncode == 0, p.stderr
   return p.stdout
 
