@@ -85,6 +85,14 @@ class Checkpointer:
     """The newest complete checkpoint's step (orbax never lists a half-written one)."""
     return self.manager.latest_step()
 
+  def step_or_latest(self, step: int | None = None) -> int:
+    """`step`, or the newest complete checkpoint's; FileNotFoundError naming --workdir if none."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}; train first or pass "
+                              "the --workdir that holds one")
+    return step
+
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
@@ -166,10 +174,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[dict, ModelConfi
   """
   ckpt = Checkpointer(workdir, read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train first or pass "
-                              "the --workdir that holds one")
+    step = ckpt.step_or_latest(step)
     meta = ckpt.meta(step)
   finally:
     ckpt.close()

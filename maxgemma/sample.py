@@ -369,10 +369,7 @@ def load_sharded(workdir: str, step: int | None, mesh: Mesh, dtype: str | None =
 
   ckpt = Checkpointer(workdir, read_only=True)
   try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory}; train first or pass "
-                              "the --workdir that holds one")
+    step = ckpt.step_or_latest(step)
     saved = model_config_from_dict(ckpt.meta(step)["model"])
     cfg = decode_config(saved, dtype)
     stored = cfg.replace(scan_layers=saved.scan_layers)
