@@ -31,11 +31,6 @@ class NonFiniteError(RuntimeError):
   """A step produced a NaN/Inf loss or gradient (and `train.nan_policy` is "stop")."""
 
 
-def _feed_plan(cfg: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> feed.FeedPlan:
-  shards = pipeline.loader_shard_count(cfg.data, cfg.train.global_batch)
-  return feed.plan(mesh, cfg.train.global_batch, shards, cfg.optim.grad_accum_steps)
-
-
 def _restore_or_create(cfg, setup: Setup, ckpt: Checkpointer, data_iter, workdir: str) -> dict:
   latest = ckpt.latest_step()
   if latest is None:
@@ -111,7 +106,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("config:\n%s", cfg)
 
   mesh = sharding.make_mesh(cfg.mesh)
-  plan = _feed_plan(cfg, mesh)
+  plan = feed.for_config(cfg, mesh)
   logging.info("%s", plan.describe())
   total = int(cfg.train.steps)
   setup = build(cfg, mesh)
