@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -106,6 +107,7 @@ def check_batch(global_batch: int, mesh: Mesh, grad_accum_steps: int = 1) -> Non
                      f"train.global_batch={dp * k * max(1, B // (dp * k))}")
 
 
+@functools.lru_cache(maxsize=16)  # asked every step by global_batch; the result is only read
 def device_rows(mesh: Mesh, global_batch: int) -> dict[Any, range]:
   """Device -> the global rows it holds under the batch sharding."""
   index_map = sharding.batch_sharding(mesh).devices_indices_map((global_batch, 1))
