@@ -31,6 +31,7 @@ class Family:
   sizes: tuple[int, ...]  # the documented sizes, ascending
   multislice: bool
   zones: tuple[str, ...]  # the documented zones
+  sizes_text: str = ""  # `sizes` in words where listing them all would not read
 
   def hosts(self, size: int) -> int:
     """TPU VM workers (one process each) in one slice of this size."""
@@ -45,8 +46,14 @@ class Family:
                         self.sizes[i] if i < len(self.sizes) else None) if n is not None]
 
   def describe(self) -> str:
-    return f"{self.prefix}-{{{','.join(map(str, self.sizes))}}} ({self.generation}, {self.unit})"
+    sizes = self.sizes_text or ",".join(map(str, self.sizes))
+    return f"{self.prefix}-{{{sizes}}} ({self.generation}, {self.unit})"
 
+
+# v4 slices: the four single-cube shapes 2x2x1, 2x2x2, 2x2x4, 2x4x4, then AxBxC with every side a
+# multiple of 4, i.e. n whole 4x4x4 cubes (128 TensorCores each) for n = 1 .. 64 (the 4096-chip pod;
+# Gemma 2 9B's 8x16x32 is v4-8192).
+_V4_SIZES = (8, 16, 32, 64) + tuple(128 * n for n in range(1, 65))
 
 FAMILIES = {f.prefix: f for f in (
     Family("v5litepod", "v5e", "v2-alpha-tpuv5-lite", "chips", (1, 4, 8, 16, 32, 64, 128, 256),
@@ -59,8 +66,8 @@ FAMILIES = {f.prefix: f for f in (
            (8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 12288), True,
            ("us-central1-a", "us-east5-a", "us-east5-b", "us-east5-c", "us-south1-a",
             "us-east1-d")),
-    Family("v4", "v4", "tpu-ubuntu2204-base", "TensorCores",
-           (8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 4096), True, ("us-central2-b",)),
+    Family("v4", "v4", "tpu-ubuntu2204-base", "TensorCores", _V4_SIZES, True, ("us-central2-b",),
+           "8,16,32,64,128*n for n=1..64"),
     Family("v3", "v3", "tpu-ubuntu2204-base", "TensorCores",
            (8, 32, 64, 128, 256, 512, 1024, 2048), False,
            ("us-central1-a", "us-central1-b", "us-central1-f", "europe-west4-a")),

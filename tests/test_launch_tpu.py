@@ -432,7 +432,7 @@ def test_settings_file_toml_and_flags_override(fake, capsys, tmp_path):
 DOCUMENTED = (
     "v2-8 v2-32 v2-128 v2-256 v2-512 "
     "v3-8 v3-32 v3-64 v3-128 v3-256 v3-512 v3-1024 v3-2048 "
-    "v4-8 v4-16 v4-32 v4-64 v4-128 v4-256 v4-512 v4-1024 v4-1536 v4-2048 v4-4096 "
+    "v4-8 v4-16 v4-32 v4-64 v4-128 v4-256 v4-512 v4-1024 v4-1536 v4-2048 v4-4096 v4-8192 "
     "v5litepod-1 v5litepod-4 v5litepod-8 v5litepod-16 v5litepod-32 v5litepod-64 v5litepod-128 "
     "v5litepod-256 "
     "v5p-8 v5p-16 v5p-64 v5p-128 v5p-256 v5p-512 v5p-1024 v5p-2048 v5p-4096 v5p-8192 v5p-12288 "
@@ -445,9 +445,21 @@ def test_every_documented_type_is_accepted(accel):
   assert name == accel and f"-{size}" in accel
 
 
+def test_v4_sizes_are_the_documented_topologies():
+  """v4 (TPU v4 page): AxBxC chips, A<=B<=C, all sides <= 4 (the one-cube shapes 2x2x1 .. 2x4x4)
+  or all multiples of 4, within the 4096-chip pod; 2 TensorCores per chip."""
+  small = {(2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4)}
+  sides = range(4, 4097, 4)
+  big = {(a, b, c) for a in sides for b in sides if a <= b and a * b <= 4096
+         for c in sides if b <= c and a * b * c <= 4096}
+  assert sorted({2 * a * b * c for a, b, c in small | big}) == list(tpu_types.FAMILIES["v4"].sizes)
+  family, size, _ = tpu_types.parse_accelerator("v4-8192")  # Gemma 2 9B: 8x16x32
+  assert family.hosts(size) == 8 * 16 * 32 // 4
+
+
 @pytest.mark.parametrize("accel,nearest", [
     ("v5p-17920", "the nearest are v5p-12288;"), ("v5p-24", "the nearest are v5p-16 or v5p-64"),
-    ("v2-64", "the nearest are v2-32 or v2-128"), ("v4-3072", "v4-2048 or v4-4096"),
+    ("v2-64", "the nearest are v2-32 or v2-128"), ("v4-200", "v4-128 or v4-256"),
     ("v5litepod-2", "v5litepod-1 or v5litepod-4"), ("v6e-512", "the nearest are v6e-256;")])
 def test_undocumented_sizes_name_the_nearest(fake, capsys, accel, nearest):
   rc, _, err = run_main(["create", *POD, f"--accelerator_type={accel}", "--skip_zone_check"],
