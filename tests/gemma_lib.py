@@ -25,3 +25,29 @@ def import_gemma():
     if stub is not None and sys.modules.get("tensorflow") is stub:
       del sys.modules["tensorflow"]
   return gm
+
+
+def import_gemma_models():
+  """The official library's model classes (`gemma.gm.nn._gemma`: Gemma2_2B ... Gemma3_27B).
+
+  `gm.nn.Gemma3_4B` and the others import `gemma.gm.ckpts`, whose `_checkpoint` does not import
+  with kauldron 1.4.2 (tests/test_convert_gemma.py). The models need only `gm.ckpts._paths` (the
+  checkpoint names of their `INFO`): the package is stood in by a bare module with the real path,
+  so `_paths` loads from its file without the package's `__init__`; the stand-in is removed after.
+  """
+  import_gemma()
+  import os  # noqa: PLC0415
+
+  import gemma  # noqa: PLC0415
+  name = "gemma.gm.ckpts"
+  stub = None
+  if name not in sys.modules:
+    stub = types.ModuleType(name)
+    stub.__path__ = [os.path.join(os.path.dirname(gemma.__file__), "gm", "ckpts")]
+    sys.modules[name] = stub
+  try:
+    from gemma.gm.nn import _gemma  # noqa: PLC0415
+  finally:
+    if stub is not None and sys.modules.get(name) is stub:
+      del sys.modules[name]
+  return _gemma

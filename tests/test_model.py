@@ -2,6 +2,7 @@
 FLOPs vs XLA's own count, and clear errors for bad input."""
 
 import contextlib
+import dataclasses
 import io
 
 import flax.linen as nn
@@ -15,7 +16,9 @@ from maxgemma.model.config import REMAT_POLICIES
 from maxgemma.model.gemma import Transformer
 from maxgemma.model.params import count_params, stack_layers, unstack_layers
 from maxgemma.model.presets import PRESETS, get_preset
+from tests.gemma_lib import import_gemma, import_gemma_models
 from tests.model_utils import random_params, rel_err, run_maxgemma
+from tests.test_model_gemma_parity import official_config
 
 
 def preset_count(name: str, **overrides) -> int:
@@ -51,6 +54,54 @@ def hf_count(cfg) -> int:
 def test_preset_counts_match_reference_library(name):
   cfg = get_preset(name)
   assert preset_count(name) == hf_count(cfg)
+
+
+# Parameters of the official `gemma` library's models (text decoders: Gemma 3 4B+ with
+# `text_only=True`, no vision encoder), counted from `jax.eval_shape` of their init.
+GEMMA_LIB_COUNTS = {
+    "gemma2_2b": ("Gemma2_2B", 2_614_636_800),
+    "gemma2_9b": ("Gemma2_9B", 9_242_164_736),
+    "gemma2_27b": ("Gemma2_27B", 27_227_718_144),
+    "gemma3_270m": ("Gemma3_270M", 268_098_176),
+    "gemma3_1b": ("Gemma3_1B", 999_885_952),
+    "gemma3_4b": ("Gemma3_4B", 3_880_099_328),
+    "gemma3_12b": ("Gemma3_12B", 11_765_788_416),
+    "gemma3_27b": ("Gemma3_27B", 27_009_002_240),
+}
+
+
+def gemma_lib_model(name: str):
+  """The official library's text decoder for preset `name`."""
+  models = import_gemma_models()
+  cls = getattr(models, GEMMA_LIB_COUNTS[name][0])
+  return cls(text_only=True) if issubclass(cls, models._Gemma3Base) else cls()
+
+
+def test_every_gemma2_and_gemma3_preset_has_a_gemma_lib_count():
+  published = {n for n, c in PRESETS.items() if c.family in ("gemma2", "gemma3")
+               and not n.startswith(("tiny_", "demo_"))}
+  assert published == set(GEMMA_LIB_COUNTS)
+
+
+@pytest.mark.parametrize("name", GEMMA_LIB_COUNTS)
+def test_preset_counts_match_official_gemma_library(name):
+  model = gemma_lib_model(name)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  layers = {f"layer_{i}" for i in range(len(model.config.attention_types))}
+  assert set(shapes["params"]) == {"embedder", "final_norm", *layers}  # the text decoder only
+  assert set(shapes["params"]["embedder"]) == {"input_embedding"}  # no vision projection
+  assert count_params(shapes) == GEMMA_LIB_COUNTS[name][1]
+  assert preset_count(name) == GEMMA_LIB_COUNTS[name][1]
+
+
+@pytest.mark.parametrize("name", GEMMA_LIB_COUNTS)
+def test_preset_fields_match_official_gemma_library(name):
+  """Every size and switch of the preset, as the library's config, equals the library's own."""
+  theirs = dataclasses.replace(gemma_lib_model(name).config, vision_encoder=None)
+  ours = official_config(import_gemma(), get_preset(name))
+  diff = {f.name: (getattr(ours, f.name), getattr(theirs, f.name))
+          for f in dataclasses.fields(theirs) if getattr(ours, f.name) != getattr(theirs, f.name)}
+  assert not diff, f"preset {name} differs from the gemma library (ours, theirs): {diff}"
 
 
 def test_packed_row_equals_documents_alone():

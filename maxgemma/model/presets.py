@@ -1,6 +1,7 @@
 """Named model configurations: the published Gemma models and tiny ones for tests.
 
-Sizes follow the Gemma technical reports, checked against the `transformers` config classes.
+Sizes follow the Gemma technical reports, checked against the `transformers` config classes and
+the official `gemma` library's models (tests/test_model.py).
 Embedding rows are those of the official checkpoints (256,128 for Gemma 1/2); `vocab_size=256_000`
 gives the Hugging Face checkpoints' counts.
 """
@@ -45,6 +46,17 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma3_1b": ModelConfig(
         num_layers=26, d_model=1152, ffn_dim=6912, num_heads=4, num_kv_heads=1, head_dim=256,
         query_pre_attn_scalar=256, sliding_window=512, **_GEMMA3),
+    # The text decoders of the 4B+ models (their vision encoder is not part of the preset): window
+    # 1024 and global layers' RoPE positions divided by 8 (linear scaling).
+    "gemma3_4b": ModelConfig(
+        num_layers=34, d_model=2560, ffn_dim=10_240, num_heads=8, num_kv_heads=4, head_dim=256,
+        query_pre_attn_scalar=256, sliding_window=1024, rope_global_scale=8.0, **_GEMMA3),
+    "gemma3_12b": ModelConfig(
+        num_layers=48, d_model=3840, ffn_dim=15_360, num_heads=16, num_kv_heads=8, head_dim=256,
+        query_pre_attn_scalar=256, sliding_window=1024, rope_global_scale=8.0, **_GEMMA3),
+    "gemma3_27b": ModelConfig(  # query scale 1/sqrt(d_model / heads) = 1/sqrt(168), as Gemma 2 27B
+        num_layers=62, d_model=5376, ffn_dim=21_504, num_heads=32, num_kv_heads=16, head_dim=128,
+        query_pre_attn_scalar=5376 // 32, sliding_window=1024, rope_global_scale=8.0, **_GEMMA3),
     # Tiny models for tests and the CPU demo: every feature of their family, sizes divisible by 16.
     "tiny_gemma1_mqa": ModelConfig(
         family="gemma1", num_layers=2, d_model=64, ffn_dim=128, num_heads=4, num_kv_heads=1,
