@@ -1,13 +1,21 @@
-"""Export a maxgemma checkpoint to Hugging Face, GGUF or the official Gemma format.
+"""Export a maxgemma checkpoint to Hugging Face, GGUF, the official Gemma format or PEFT.
 
-  python -m maxgemma.export --workdir=DIR [--step=N] --format=hf|gguf|gemma --out=PATH
+  python -m maxgemma.export --workdir=DIR [--step=N] --format=hf|gguf|gemma|peft --out=PATH
       [--dtype=float32|bfloat16|float16|q8_0] [--tokenizer=FILE] [--overwrite]
+      [--base_model=NAME]
 
   hf     a directory: safetensors shards, config.json, tokenizer.model + tokenizer configs
          (`transformers.AutoModelForCausalLM.from_pretrained(PATH)` loads it)
   gguf   one file (llama.cpp): architecture gemma/gemma2/gemma3, tokenizer in the metadata;
          --dtype float32 (default), float16, bfloat16 or q8_0
   gemma  an orbax checkpoint in the released layout (`gm.ckpts.load_params(PATH)` loads it)
+  peft   (a LoRA run only) a directory: adapter_model.safetensors + adapter_config.json
+         (`peft.PeftModel.from_pretrained(base, PATH)` loads it onto the base's hf export);
+         --base_model is its base_model_name_or_path (default: the run's config.lora.base)
+
+A LoRA run's workdir exported as hf, gguf or gemma gives the merged model: its base
+(`config.lora.base`'s latest checkpoint, or the fresh init of train.seed) with the adapters merged
+in by `maxgemma.lora.merge`, one layer at a time (`maxgemma.convert.peft_format.MergedReader`).
 
 The checkpoint is read one layer slice at a time (tensorstore) and written tensor by tensor, so
 the process holds at most one layer besides what the format itself needs (the `gemma` format is
@@ -30,16 +38,20 @@ import numpy as np
 from absl import app, flags, logging
 
 from maxgemma import optional_packages
-from maxgemma.convert import gemma_checkpoint, hf
+from maxgemma.convert import gemma_checkpoint, hf, peft_format
 from maxgemma.convert.atomic_output import atomic_output
 from maxgemma.convert.checkpoint_reader import CheckpointReader
 from maxgemma.convert.safetensors_io import ShardedWriter
 from maxgemma.data.tokenizer import load
 from maxgemma.model.config import ModelConfig
 
-FORMATS = ("hf", "gguf", "gemma")
+FORMATS = ("hf", "gguf", "gemma", "peft")
 DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gemma": ("float32", "bfloat16", "float16"),
+          "peft": ("float32", "bfloat16", "float16"),
           "gguf": ("float32", "float16", "bfloat16", "q8_0")}  # gguf_format.OUT_TYPES
+
+
+Reader = CheckpointReader | peft_format.MergedReader  # a LoRA run reads as its merged model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,12 +64,13 @@ class Exported:
 
 
 def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: str = "float32",
-           tokenizer: str = "", overwrite: bool = False, max_shard_mb: float = 2048
-           ) -> Exported | None:
+           tokenizer: str = "", overwrite: bool = False, max_shard_mb: float = 2048,
+           base_model: str = "") -> Exported | None:
   """Writes the export (None on processes other than 0).
 
   The tokenizer is the workdir's (`maxgemma.convert.workdir_tokenizer`); a workdir without one
-  gets weights and config only, and `Exported.note` says so.
+  gets weights and config only, and `Exported.note` says so. A LoRA run's workdir gives the
+  merged model (hf, gguf, gemma) or its adapters (peft, `base_model` naming their base).
   """
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -70,6 +83,19 @@ def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: 
     multihost_utils.sync_global_devices("maxgemma.export")
     return None
   reader = CheckpointReader(workdir, step)
+  run = peft_format.lora_run(reader)
+  if fmt == "peft":
+    if run is None:
+      raise peft_format.not_lora_error(workdir)
+    peft_format.write_peft(run, out, gemma_checkpoint.np_dtype(dtype), overwrite=overwrite,
+                           base_model=base_model)
+    note = "" if base_model or run.base else (
+        "the adapters' base is the fresh init of train.seed (config.lora.base is empty), which "
+        "no hf export holds; export the merged model with --format=hf instead")
+    _barrier()
+    return Exported(out, None, note)
+  if run is not None:
+    reader = peft_format.MergedReader(run)
   found = reader.tokenizer(tokenizer)
   proto, note = None, ""
   if found.path is None:
@@ -84,13 +110,18 @@ def export(workdir: str, fmt: str, out: str, *, step: int | None = None, dtype: 
     proto = tok.model_proto
   {"hf": _export_hf, "gguf": _export_gguf, "gemma": _export_gemma}[fmt](
       reader, out, dtype, proto, overwrite, max_shard_mb)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.sync_global_devices("maxgemma.export")
+  _barrier()
   return Exported(out, found.origin if proto is not None else None, note)
 
 
-def _export_hf(reader: CheckpointReader, out: str, dtype: str, proto: bytes | None, overwrite: bool,
+def _barrier() -> None:
+  """Process 0 is done: release the others (waiting at the same barrier in `export`)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices("maxgemma.export")
+
+
+def _export_hf(reader: Reader, out: str, dtype: str, proto: bytes | None, overwrite: bool,
                max_shard_mb: float) -> None:
   cfg = reader.config
   np_dtype = gemma_checkpoint.np_dtype(dtype)
@@ -124,7 +155,7 @@ def write_hf_tokenizer(directory: str, proto: bytes, cfg: ModelConfig) -> None:
       "spaces_between_special_tokens": False, **special})
 
 
-def _export_gguf(reader: CheckpointReader, out: str, dtype: str, proto: bytes | None,
+def _export_gguf(reader: Reader, out: str, dtype: str, proto: bytes | None,
                  overwrite: bool, max_shard_mb: float) -> None:
   del max_shard_mb
   import gguf  # noqa: PLC0415
@@ -183,7 +214,7 @@ def _hf_norm_name(path: tuple[str, ...], hf_norm: dict[str, str], i: int) -> str
   return pre + hf_norm[path[0]] + ".weight"
 
 
-def _export_gemma(reader: CheckpointReader, out: str, dtype: str, proto: bytes | None,
+def _export_gemma(reader: Reader, out: str, dtype: str, proto: bytes | None,
                   overwrite: bool, max_shard_mb: float) -> None:
   del max_shard_mb
   import orbax.checkpoint as ocp  # noqa: PLC0415
@@ -238,9 +269,11 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Experiment directory holding checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_enum("format", None, list(FORMATS), "Output format.")
-  flags.DEFINE_string("out", None, "Output directory (hf, gemma) or file (gguf).")
-  flags.DEFINE_string("dtype", "float32", "float32/bfloat16/float16 (hf, gemma); float32/"
+  flags.DEFINE_string("out", None, "Output directory (hf, gemma, peft) or file (gguf).")
+  flags.DEFINE_string("dtype", "float32", "float32/bfloat16/float16 (hf, gemma, peft); float32/"
                       "float16/bfloat16/q8_0 (gguf).")
+  flags.DEFINE_string("base_model", "", "peft: the adapter config's base_model_name_or_path (an "
+                      "HF hub id or the base's hf export; default: the run's config.lora.base).")
   flags.DEFINE_string("tokenizer", "", "SentencePiece model (default: WORKDIR/tokenizer.model, "
                       "then the training config's; none: weights and config only).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
@@ -256,7 +289,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     done = export(FLAGS.workdir, FLAGS.format, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
                   tokenizer=FLAGS.tokenizer, overwrite=FLAGS.overwrite,
-                  max_shard_mb=FLAGS.max_shard_mb)
+                  max_shard_mb=FLAGS.max_shard_mb, base_model=FLAGS.base_model)
   except (ValueError, FileNotFoundError, FileExistsError,
           optional_packages.MissingPackageError) as e:
     raise SystemExit(f"export failed: {e}") from None
