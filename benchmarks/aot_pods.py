@@ -1,4 +1,4 @@
-"""The Gemma report's pod layouts compiled ahead of time for real TPU v5e topologies.
+"""The Gemma reports' pod layouts compiled ahead of time for real TPU topologies (v5e, v4, v5p).
 
 Each row runs `python -m maxgemma.aot` (one process per compile, one at a time) on this
 CPU-only machine with libtpu and records per-chip memory, model FLOPs per step, the roofline step
@@ -40,6 +40,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "2b_1pod": ("configs/gemma_2b_v5e_1pod.py", (), "2B, one pod: fsdp 256"),
     "2b_2pods": ("configs/gemma_2b_v5e_2pods.py", (),
                  "2B, 2 pods: per pod fsdp 256, data 2 over DCN"),
+    "g2_9b_v4": ("configs/gemma2_9b_v4_8x16x32.py", ("--topology=v4:8x16x32",),
+                 "Gemma 2 9B, v4 8x16x32: data 2 x fsdp 512 x tensor 4"),
+    "g2_27b_v5p": ("configs/gemma2_27b_v5p_8x24x32.py", ("--topology=v5p:8x24x32",),
+                   "Gemma 2 27B, v5p 8x24x32: fsdp 768 x tensor 8"),
 }
 
 
@@ -68,9 +72,9 @@ def run_row(name: str, timeout: int) -> dict:
 
 def table(rows: list[dict]) -> str:
   """The markdown table of the rows."""
-  head = ("| layout | chips | global batch (tokens) | peak / chip (of 15.75 GiB) | arguments / chip"
-          " | temporaries / chip | model TFLOPs / step | roofline step | step at 50% MFU "
-          "| DCN bytes / chip / step | compile (trace + TPU compile) |")
+  head = ("| layout | chips | global batch (tokens) | peak / chip (of usable HBM) "
+          "| arguments / chip | temporaries / chip | model TFLOPs / step | roofline step "
+          "| step at 50% MFU | DCN bytes / chip / step | compile (trace + TPU compile) |")
   lines = [head, "|---|" + "---:|" * 10]
   g = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
   for r in rows:
@@ -81,7 +85,8 @@ def table(rows: list[dict]) -> str:
     dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
     lines.append(
         f"| {r['what']} | {r['chips']} | {r['global_batch']} x {r['seq_len']} "
-        f"({r['tokens_per_step'] / 1e6:.2f}M) | {g(m['peak_bytes'])} | {g(m['argument_bytes'])} "
+        f"({r['tokens_per_step'] / 1e6:.2f}M) | {m['peak_bytes'] / 2**30:.2f} of "
+        f"{g(m['usable_hbm_bytes'])} {r['chip']} | {g(m['argument_bytes'])} "
         f"| {g(m['temp_bytes'])} | {r['model_flops_per_step'] / 1e12:,.0f} "
         f"| {r['roofline_step_s']:.2f} s | {r['step_s_at_target_mfu']:.2f} s | {dcn} "
         f"| {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")

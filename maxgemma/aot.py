@@ -39,6 +39,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
   """The devices of `num_slices` slices of `topology` (e.g. `v5e:16x16`), described by libtpu."""
   from jax.experimental import topologies
 
+  chip = hardware.chip_for_topology(topology)
   # Several processes may load libtpu at once (otherwise they fight over its lock file).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # Without these libtpu warns that it cannot find the TPU type and worker hostnames of this
@@ -49,7 +50,7 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
     os.environ.update(quiet)
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                        chip_config_name="default",
+                                        chip_config_name=chip.chip_config_name,
                                         chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
   except Exception as e:  # libtpu missing or a bad name: one clear line
     raise ValueError(f"cannot describe TPU topology {topology!r} x {num_slices} slice(s) "

@@ -18,7 +18,9 @@ class Chip:
 
   `device_kinds`: lower-case substrings of `jax.Device.device_kind` naming it (matched in table
   order, first match wins); `topology_names`: the prefixes of TPU topology names that describe it.
-  `usable_hbm_bytes` is what XLA lets one program use (0 when not known).
+  `usable_hbm_bytes` is what XLA lets one program use (0 when not known). `chip_config_name`: how
+  libtpu describes its devices for a topology; v4 runs "megacore" (one JAX device per chip, both
+  TensorCores), as on the pods, where its "default" would give one device per TensorCore.
   """
 
   name: str
@@ -27,18 +29,19 @@ class Chip:
   usable_hbm_bytes: int = 0
   device_kinds: tuple[str, ...] = ()
   topology_names: tuple[str, ...] = ()
+  chip_config_name: str = "default"
 
 
 # The "lite" TPUs come before the plain "v5": JAX names v5e "TPU v5 lite", v5p "TPU v5", v6e
-# "TPU v6 lite". v5e's usable HBM is the compiler's own figure ("exceeds available HBM
-# (15.75G)"); the other TPUs assume the same 0.25 GiB reservation.
+# "TPU v6 lite". Usable HBM is the compiler's own figure where seen ("exceeds available HBM
+# (15.75G)" on v5e, "(30.75G)" on a v4 megacore chip); the others assume v5e's 0.25 GiB reserve.
 CHIPS: tuple[Chip, ...] = (
     Chip("TPU v5e", 197e12, 16 * GiB, int(15.75 * GiB), ("v5 lite", "v5lite", "v5e"),
          ("v5e", "v5litepod")),
     Chip("TPU v6e", 918e12, 32 * GiB, int(31.75 * GiB), ("v6 lite", "v6lite", "v6e"),
          ("v6e",)),
     Chip("TPU v5p", 459e12, 95 * GiB, int(94.75 * GiB), ("v5p", "tpu v5"), ("v5p",)),
-    Chip("TPU v4", 275e12, 32 * GiB, int(31.75 * GiB), ("tpu v4",), ("v4",)),
+    Chip("TPU v4", 275e12, 32 * GiB, int(30.75 * GiB), ("tpu v4",), ("v4",), "megacore"),
     Chip("NVIDIA H200", 989e12, device_kinds=("h200",)),
     Chip("NVIDIA H100", 989e12, device_kinds=("h100",)),
     Chip("NVIDIA A100", 312e12, device_kinds=("a100",)),

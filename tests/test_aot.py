@@ -166,3 +166,31 @@ def test_pod_configs_match_the_report_layouts(name, preset, pods, ici):
   attention = 12 * m.num_layers * m.num_heads * m.head_dim * (L + 1) / 2
   want = 6 * (embedding + non_embedding) + attention
   assert flops.flops_per_token(m, L) == pytest.approx(want, rel=1e-4)
+
+
+# The Gemma 2 report's pod layouts (shared/REFERENCE.md section 4): chips, data x model ways; the
+# data ways as replicas x ZeRO-3 shards (9B: d_model 3584 divides by 512, not by 1024).
+@pytest.mark.parametrize("name,preset,chips,data,model,replicas", [
+    ("gemma2_9b_v4_8x16x32", "gemma2_9b", 4096, 1024, 4, 2),
+    ("gemma2_27b_v5p_8x24x32", "gemma2_27b", 6144, 768, 8, 1),
+])
+def test_gemma2_pod_configs_match_the_report_layouts(name, preset, chips, data, model, replicas):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert c.model.preset == preset and c.train.seq_len == 8192
+  assert c.model.remat_policy == "full" and c.model.dtype == "bfloat16"
+  assert f"--topology={module.TOPOLOGY}" in module.__doc__  # the documented compile
+  mesh = aot.topology_mesh(c.mesh, module.TOPOLOGY, 1)  # libtpu's devices of the real slice
+  assert mesh.devices.size == chips  # one device per chip: v4 megacore, not one per TensorCore
+  assert dict(mesh.shape) == {"data": replicas, "fsdp": data // replicas, "tensor": model}
+  m = model_config(c)  # validates (seq 8192 within the model's context)
+  assert m.d_model % (data // replicas) == 0  # ZeRO-3 shards every [.., d_model, ..] parameter
+  # Each tensor group is a box of `model` neighbouring chips of the torus (traffic stays local),
+  # also where tensor 4 splits v4's ring of 8.
+  for group in mesh.devices.reshape(-1, model):
+    coords = [d.coords for d in group]
+    box = math.prod(max(x) - min(x) + 1 for x in zip(*coords, strict=True))
+    assert box == model, coords
+  assert c.train.global_batch % data == 0  # rows split evenly over the data-parallel groups
