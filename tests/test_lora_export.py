@@ -24,6 +24,7 @@ from maxgemma.convert.safetensors_io import SafetensorsFile
 from maxgemma.export import export
 from maxgemma.model.gemma import Transformer
 from maxgemma.model.params import stack_layers
+from maxgemma.model.presets import get_preset
 from tests.convert_utils import make_workdir, tokens_for, torch_logits
 from tests.train_utils import tiny_config
 
@@ -133,3 +134,16 @@ def test_peft_of_a_workdir_that_is_not_a_lora_run_is_refused_in_one_line(tmp_pat
     export(base, "peft", str(out))
   assert "\n" not in str(e.value) and "--config.lora.targets" in str(e.value)
   assert not out.exists()
+
+
+def test_peft_of_a_run_on_the_fresh_init_says_its_base_is_in_no_hf_export(tmp_path):
+  """`config.lora.base` empty: the adapters export, with a note naming the merged export. (The
+  merged model of such a run, the fresh init of train.seed plus the adapters, equals
+  `lora.merge(state_lib.init_params(...))` within 1e-6; not run here: compiling the model's init
+  twice takes 20-50 s on this CPU.)"""
+  cfg = get_preset("tiny_gemma2")
+  workdir, _, _ = lora_workdir(str(tmp_path), "", cfg, ("q", "down"))
+  done = export(workdir, "peft", str(tmp_path / "adapter"))
+  assert "fresh init" in done.note and "--format=hf" in done.note
+  with open(tmp_path / "adapter" / peft_format.CONFIG_FILE) as f:
+    assert json.load(f)["base_model_name_or_path"] is None

@@ -246,9 +246,9 @@ class _FreshBase:
   with `train.seed` (the one `maxgemma.trainer.state.init_params` gives), in memory."""
 
   def __init__(self, cfg: ModelConfig, seed: int):
-    params = nn.unbox(Transformer(cfg).init(jax.random.key(seed),
-                                            jnp.zeros((1, 8), jnp.int32))["params"])
-    params = jax.device_get(params)
+    init = jax.jit(lambda key: nn.unbox(Transformer(cfg).init(key, jnp.zeros((1, 8), jnp.int32))
+                                        ["params"]))
+    params = jax.device_get(init(jax.random.key(seed)))
     self.params = params if cfg.scan_layers else stack_layers(params)
     self.arrays = self
 
