@@ -235,6 +235,8 @@ def check_export(s: Session, args: list[str], r: Result) -> None:
     assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
   elif fmt == "gguf":
     assert out.read_bytes()[:4] == b"GGUF" and struct.unpack("<I", out.read_bytes()[4:8])[0] >= 3
+  elif fmt == "peft":
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
   else:
     assert (out / "maxgemma_config.json").exists() and (out / "tokenizer.model").exists()
 
