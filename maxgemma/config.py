@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Loader shards: independent streams giving global_batch / loader_shards rows each; the
       # batch at each step depends on this count, never on processes or mesh (0 = one per row).
       loader_shards=0,
+      # Offline distillation: directories of `python -m maxgemma.teacher_logits` (comma-
+      # separated) aligned with the sources; batches then carry teacher_ids / teacher_weights.
+      teacher_topk="",
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

@@ -7,6 +7,9 @@ m-th document of one file): a seeded permutation per epoch of its documents (`sh
 -> ArrayRecord reads in groups of 64 -> next-token chunks of at most seq_len (targets never
 cross documents) -> (worker-process prefetch of groups, order kept) -> grain packing into rows
 (segment_ids, positions) -> sources mixed row by row by weight (grain mix) -> B/S rows per step.
+With `config.data.teacher_topk` (offline distillation, `maxgemma.data.topk`) each document's
+aligned teacher record is read beside it and cut into the same chunks, packed with them, so every
+position's `teacher_ids` / `teacher_weights` [K] belong to that position's token.
 A process runs only the loader shards its devices' rows need (`maxgemma.feed` plans which) and
 gets their rows concatenated in shard order, prefetched in a thread.
 
@@ -28,7 +31,7 @@ import numpy as np
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordReader
 
-from maxgemma.data import records
+from maxgemma.data import records, topk
 from maxgemma.data.shuffle import permute
 from maxgemma.data.sources import Source, resolve_all
 from maxgemma.data.tokenizer import load_tokenizer
@@ -54,7 +57,10 @@ class _Chunker:
   dtype: str
   sft: bool
 
-  def __call__(self, data: bytes) -> list[np.ndarray]:
+  def __call__(self, data: bytes, teacher: bytes | None = None, k: int = 0,
+               where: str = "") -> list[np.ndarray] | list[dict[str, np.ndarray]]:
+    """With `teacher` (the document's aligned top-k record, `maxgemma.data.topk`) every chunk is
+    a dict: `seq` and the same positions' `teacher_ids` / `teacher_weights` [n, k]."""
     ids, mask = records.decode_record(data, dtype=self.dtype, sft=self.sft)
     n = len(ids) - 1
     if n <= 0:
@@ -62,7 +68,15 @@ class _Chunker:
     rows = np.empty((n, 3), np.int32)
     rows[:, 0], rows[:, 1] = ids[:-1], ids[1:]
     rows[:, 2] = mask[1:] if mask is not None else 1
-    return [rows[s:s + self.seq_len] for s in range(0, n, self.seq_len)]
+    starts = range(0, n, self.seq_len)
+    if teacher is None:
+      return [rows[s:s + self.seq_len] for s in starts]
+    t_ids, t_weights = topk.decode(teacher, k)
+    if len(t_ids) != n:
+      raise ValueError(f"{where}: the teacher top-k record holds {len(t_ids)} positions, the "
+                       f"document {n}: config.data.teacher_topk was not written for this data")
+    return [{"seq": rows[s:s + self.seq_len], "teacher_ids": t_ids[s:s + self.seq_len],
+             "teacher_weights": t_weights[s:s + self.seq_len]} for s in starts]
 
 
 def shard_documents(file_documents: Sequence[int], shard: int, shards: int
@@ -119,15 +133,29 @@ class _ReadChunks:
   shard are opened (and, for a remote source, fetched).
   """
 
-  def __init__(self, source: Source, order: _Order, chunker: _Chunker):
-    self.source, self.order, self.chunker = source, order, chunker
+  def __init__(self, source: Source, order: _Order, chunker: _Chunker,
+               teacher: topk.Aligned | None = None):
+    self.source, self.order, self.chunker, self.teacher = source, order, chunker, teacher
     self._readers: dict[int, ArrayRecordReader] = {}
+    self._teacher_readers: dict[int, ArrayRecordReader] = {}
 
   def __getstate__(self) -> dict:  # worker processes open their own readers
-    return {"source": self.source, "order": self.order, "chunker": self.chunker}
+    return {"source": self.source, "order": self.order, "chunker": self.chunker,
+            "teacher": self.teacher}
 
   def __setstate__(self, state: dict) -> None:
-    self.__init__(state["source"], state["order"], state["chunker"])
+    self.__init__(state["source"], state["order"], state["chunker"], state.get("teacher"))
+
+  def _teacher_reader(self, f: int) -> ArrayRecordReader:
+    if f not in self._teacher_readers:
+      path = self.teacher.paths[f]
+      reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+      if reader.num_records() != self.source.file_documents[f]:
+        raise ValueError(f"{path}: holds {reader.num_records()} records, {self.source.paths[f]} "
+                         f"{self.source.file_documents[f]}: config.data.teacher_topk was not "
+                         "written for this data (or was replaced); write it again")
+      self._teacher_readers[f] = reader
+    return self._teacher_readers[f]
 
   def _reader(self, f: int) -> ArrayRecordReader:
     if f not in self._readers:
@@ -144,7 +172,12 @@ class _ReadChunks:
     files, recs = self.order(group)
     out = []
     for f, r in zip(files.tolist(), recs.tolist(), strict=True):
-      out += self.chunker(self._reader(f).read([r])[0])
+      data = self._reader(f).read([r])[0]
+      if self.teacher is None:
+        out += self.chunker(data)
+      else:
+        out += self.chunker(data, self._teacher_reader(f).read([r])[0], self.teacher.k,
+                            f"{self.source.paths[f]} record {r}")
     return out
 
 
@@ -155,8 +188,11 @@ class _Flatten(grain.experimental.FlatMapTransform):
     return element
 
 
-def _as_packed(chunk: np.ndarray) -> dict[str, np.ndarray]:
-  return {"seq": chunk}
+def _as_packed(chunk: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return chunk if isinstance(chunk, dict) else {"seq": chunk}
+
+
+_TEACHER_KEYS = ("teacher_ids", "teacher_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,27 +200,34 @@ class _PadRow:
   """Unpacked mode: one chunk per row, padded (segment id 0, zero weight)."""
   seq_len: int
 
-  def __call__(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
-    n = len(chunk)
-    seq = np.zeros((self.seq_len, 3), np.int32)
-    seq[:n] = chunk
+  def __call__(self, chunk: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    parts = _as_packed(chunk)
+    n = len(parts["seq"])
+    out = {}
+    for key, x in parts.items():
+      out[key] = np.zeros((self.seq_len, *x.shape[1:]), x.dtype)
+      out[key][:n] = x
     seg = np.zeros(self.seq_len, np.int32)
     seg[:n] = 1
     pos = np.zeros(self.seq_len, np.int32)
     pos[:n] = np.arange(n, dtype=np.int32)
-    return {"seq": seq, "seq_segment_ids": seg, "seq_positions": pos}
+    return {**out, "seq_segment_ids": seg, "seq_positions": pos}
 
 
 def _finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   seq = batch["seq"]
   seg = batch["seq_segment_ids"].astype(np.int32)
-  return {
+  out = {
       "tokens": np.ascontiguousarray(seq[..., 0]),
       "targets": np.ascontiguousarray(seq[..., 1]),
       "positions": np.ascontiguousarray(batch["seq_positions"].astype(np.int32)),
       "segment_ids": seg,
       "loss_weights": (seq[..., 2] * (seg > 0)).astype(np.float32),
   }
+  for key in _TEACHER_KEYS:
+    if key in batch:  # zeros on padding, whatever the packer left there
+      out[key] = np.where((seg > 0)[..., None], batch[key], 0).astype(batch[key].dtype)
+  return out
 
 
 def _seed(*parts: int) -> int:
@@ -192,7 +235,7 @@ def _seed(*parts: int) -> int:
 
 
 def _rows(source: Source, index: int, shard: int, shards: int, data_cfg: Any, *, seq_len: int,
-          seed: int, train: bool) -> grain.IterDataset:
+          seed: int, train: bool, teacher: topk.Aligned | None = None) -> grain.IterDataset:
   """Packed (or padded) rows of one source for loader shard `shard` of `shards`."""
   runs = shard_documents(source.file_documents, shard, shards)
   if sum(r[3] for r in runs) == 0:
@@ -203,7 +246,7 @@ def _rows(source: Source, index: int, shard: int, shards: int, data_cfg: Any, *,
   order = _Order(runs, shuffle_seed)
   chunker = _Chunker(seq_len, source.token_dtype, source.kind == "sft")
   # Infinite: group g holds the shard's documents g*G .. g*G+G-1 (epochs follow each other).
-  ds = grain.MapDataset.range(_GROUPS).map(_ReadChunks(source, order, chunker))
+  ds = grain.MapDataset.range(_GROUPS).map(_ReadChunks(source, order, chunker, teacher))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if data_cfg.worker_count > 0:  # 1:1 stage: workers' round-robin output keeps the order
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags when starting workers
@@ -217,7 +260,8 @@ def _rows(source: Source, index: int, shard: int, shards: int, data_cfg: Any, *,
   if packer is None:
     raise ValueError(f"config.data.packing_method={data_cfg.packing_method!r}: expected "
                      "best_fit or first_fit")
-  return packer(it.map(_as_packed), length_struct={"seq": seq_len},
+  lengths = {"seq": seq_len} | ({k: seq_len for k in _TEACHER_KEYS} if teacher else {})
+  return packer(it.map(_as_packed), length_struct=lengths,
                 num_packing_bins=int(data_cfg.packing_bins), seed=_seed(seed, index, shard, 1),
                 shuffle_bins=train and data_cfg.shuffle)
 
@@ -263,6 +307,7 @@ _STREAM_KEYS = {
     "sources": "config.data.sources / eval_sources", "shuffle": "config.data.shuffle",
     "packing": "config.data.packing", "packing_method": "config.data.packing_method",
     "packing_bins": "config.data.packing_bins", "worker_count": "config.data.worker_count",
+    "teacher_topk": "config.data.teacher_topk",
 }
 
 
@@ -365,6 +410,19 @@ def loader_shard_count(data_cfg: Any, global_batch: int) -> int:
   return shards
 
 
+def teacher_topk(data_cfg: Any, sources: Sequence[Source]) -> list[topk.Aligned | None]:
+  """Per source, the `config.data.teacher_topk` files aligned with its token files (None each
+  when unset); refuses top-k written for other data, or of another k, in one line."""
+  spec = str(data_cfg.get("teacher_topk", "") or "")
+  if not spec:
+    return [None] * len(sources)
+  aligned = [topk.align(spec, list(zip(s.paths, s.file_documents, s.file_sha256, strict=True)))
+             for s in sources]
+  if len({a.k for a in aligned}) > 1:
+    raise ValueError(f"config.data.teacher_topk={spec}: the sources' top-k differ in k")
+  return aligned
+
+
 def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: int,
           shards: Sequence[int] | None) -> DataIterator:
   if seq_len < 1 or global_batch < 1:
@@ -382,10 +440,11 @@ def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: i
   fingerprint = load_tokenizer(data_cfg.tokenizer).fingerprint
   sources = resolve_all(spec, want, setting=setting, fingerprint=fingerprint,
                         cache=data_cfg.get("cache_dir", ""))
+  teachers = teacher_topk(data_cfg, sources)
   per_shard = {}
   for j in shards:
-    rows = [_rows(s, i, j, count, data_cfg, seq_len=seq_len, seed=seed, train=train)
-            for i, s in enumerate(sources)]
+    rows = [_rows(s, i, j, count, data_cfg, seq_len=seq_len, seed=seed, train=train, teacher=t)
+            for (i, s), t in zip(enumerate(sources), teachers, strict=True)]
     ds = rows[0] if len(rows) == 1 else grain.IterDataset.mix(rows, [s.weight for s in sources])
     per_shard[j] = ds.batch(global_batch // count, drop_remainder=True)
   ds = _ConcatShards(per_shard).map(_finalize)
@@ -395,6 +454,8 @@ def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: i
           "loader_shards": count, "sources": spec, "shuffle": bool(data_cfg.shuffle),
           "packing": bool(data_cfg.packing), "packing_method": str(data_cfg.packing_method),
           "packing_bins": int(data_cfg.packing_bins), "worker_count": int(data_cfg.worker_count)}
+  if data_cfg.get("teacher_topk", ""):
+    meta["teacher_topk"] = str(data_cfg.teacher_topk)
   return DataIterator(iter(ds), meta, sources, shards)
 
 
@@ -404,7 +465,9 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, global_batch: int, seed:
 
   With all shards that is the whole `[global_batch, seq_len]` batch; `maxgemma.feed` chooses a
   process's shards. `next()` gives int32 `tokens`, `targets`, `positions`, `segment_ids`
-  (1.. per packed document, 0 = padding) and float32 `loss_weights`.
+  (1.. per packed document, 0 = padding) and float32 `loss_weights`; with
+  `config.data.teacher_topk` also the stored teacher's int32 `teacher_ids` and float16
+  `teacher_weights` [B, L, K] of each position (zeros on padding).
   """
   return _make(data_cfg, split="train", seq_len=seq_len, global_batch=global_batch, seed=seed,
                shards=shards)

@@ -8,6 +8,13 @@ next-token loss (`maxgemma.distill_loss` defines the sums; both models' logits a
 `distill.loss_chunk` positions at a time). Teacher and student may differ in size and family but
 must share the tokenizer and the vocabulary size, which `teacher_config` checks before anything
 is built.
+
+Offline distillation (Gemma 3's form) reads the teacher from storage instead: with
+`config.data.teacher_topk` (directories written by `python -m maxgemma.teacher_logits`) every
+batch carries K stored ids and weights per position (`teacher_ids`, `teacher_weights`) and
+`OfflineDistill` trains the student on the cross-entropy to those weights, renormalised over the
+stored ids (`distill_loss.chunked_topk_cross_entropy`, `distill.loss_chunk` positions at a time).
+No teacher runs in the step and there are no frozen inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from maxgemma.data import tokenizer as tokenizer_lib
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.trainer import state as state_lib
-from maxgemma.trainer.objective import Batch, LossSums, Objective
+from maxgemma.trainer.objective import Batch, LossSums, Objective, token_batch_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +45,14 @@ class Teacher:
 
 
 def enabled(cfg: ml_collections.ConfigDict) -> bool:
-  """Whether `cfg` trains by online distillation."""
-  return bool(cfg.get("distill", {}).get("teacher", ""))
+  """Whether `cfg` trains by distillation: online (`distill.teacher`) or offline
+  (`data.teacher_topk`, which wins when both are set)."""
+  return bool(cfg.get("distill", {}).get("teacher", "")) or offline(cfg)
+
+
+def offline(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether `cfg` trains by offline (stored top-k) distillation."""
+  return bool(cfg.get("data", {}).get("teacher_topk", ""))
 
 
 def teacher_config(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teacher:
@@ -160,8 +173,91 @@ class OnlineDistill(Objective):
             "agree": sums["agree"]}
 
 
-def from_config(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig) -> OnlineDistill:
-  """The distillation objective `cfg.distill` describes (the teacher checked first)."""
+class OfflineDistill(Objective):
+  """Cross-entropy of the student against stored teacher top-k (`teacher_ids`, `teacher_weights`
+  [B, L, K] in every batch), renormalised over the stored ids. Metrics as `OnlineDistill`'s, with
+  `distill_loss`, `kl` and `agreement` against the stored target."""
+
+  sums = distill_loss.AUX_KEYS
+
+  def __init__(self, model_cfg: ModelConfig, k: int, *, alpha: float = 0.0, z_loss: float = 0.0,
+               loss_chunk: int = 256):
+    super().__init__(model_cfg)
+    self.k, self.alpha, self.z_loss, self.loss_chunk = int(k), float(alpha), float(z_loss), \
+        int(loss_chunk)
+    if self.loss_chunk <= 0:
+      raise ValueError(f"config.distill.loss_chunk must be a positive number of positions, got "
+                       f"{loss_chunk}")
+    if not 0 < self.k <= model_cfg.vocab_size:
+      raise ValueError(f"config.data.teacher_topk: k={self.k} must be in [1, "
+                       f"config.model.vocab_size={model_cfg.vocab_size}]")
+    distill_loss.distill_cross_entropy(  # refuses a bad alpha now, in one line
+        jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1), jnp.int32), alpha=self.alpha)
+
+  def batch_spec(self, global_batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (global_batch, seq_len, self.k)
+    return {**token_batch_spec(global_batch, seq_len),
+            "teacher_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
+            "teacher_weights": jax.ShapeDtypeStruct(shape, jnp.float16)}
+
+  def _sums(self, params: Any, batch: Batch, alpha: float, z_loss: float) -> LossSums:
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    hidden_BLD = Transformer(self.model_cfg).apply({"params": params}, *args, return_hidden=True)
+    return distill_loss.chunked_topk_cross_entropy(
+        hidden_BLD, params["embedder"]["input_embedding"], batch["teacher_ids"],
+        batch["teacher_weights"], batch["targets"], batch["loss_weights"],
+        chunk_size=self.loss_chunk, alpha=alpha, z_loss=z_loss,
+        final_softcap=self.model_cfg.final_logit_softcap, dtype=jnp.dtype(self.model_cfg.dtype),
+        flatten=self.model_cfg.flatten_matmuls)
+
+  def loss_sums(self, params: Any, batch: Batch, frozen: Any) -> LossSums:
+    return self._sums(params, batch, self.alpha, self.z_loss)
+
+  metrics = OnlineDistill.metrics
+
+  def eval_sums(self, params: Any, batch: Batch, frozen: Any) -> dict[str, jax.Array]:
+    _, weight, sums = self._sums(params, batch, 0.0, 0.0)
+    return {"nll_sum": sums["nll_sum"], "weight": weight, "kl_sum": sums["kl_sum"],
+            "agree": sums["agree"]}
+
+
+def offline_from_config(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig) -> OfflineDistill:
+  """The offline objective of `cfg.data.teacher_topk`, checked against the student: one k and
+  temperature, the teacher's vocabulary the student's."""
+  from absl import logging  # noqa: PLC0415
+
+  from maxgemma.data import topk  # noqa: PLC0415
+
+  spec = str(cfg.data.teacher_topk)
+  manifests = [topk.read_manifest(d.strip(), "config.data.teacher_topk")
+               for d in spec.split(",") if d.strip()]
+  ks = {int(m["k"]) for m in manifests}
+  temps = {float(m["temperature"]) for m in manifests}
+  vocabs = {int(m["teacher"]["vocab_size"]) for m in manifests}
+  if len(ks) > 1 or len(temps) > 1:
+    raise ValueError(f"config.data.teacher_topk={spec}: the directories hold different k "
+                     f"({sorted(ks)}) or temperatures ({sorted(temps)}); use one teacher run's")
+  if vocabs != {model_cfg.vocab_size}:
+    raise ValueError(f"config.data.teacher_topk={spec}: written by a teacher of vocabulary "
+                     f"{sorted(vocabs)}, the student's config.model.vocab_size is "
+                     f"{model_cfg.vocab_size}; distillation needs one vocabulary")
+  temperature = temps.pop()
+  if float(cfg.distill.temperature) != temperature:
+    raise ValueError(f"config.distill.temperature={cfg.distill.temperature}: the stored top-k of "
+                     f"config.data.teacher_topk was drawn at temperature {temperature}; set "
+                     f"config.distill.temperature={temperature} (or write the top-k again)")
+  if cfg.distill.teacher:
+    logging.warning("config.data.teacher_topk is set: offline distillation from the stored "
+                    "top-k; config.distill.teacher=%s is not run", cfg.distill.teacher)
+  return OfflineDistill(model_cfg, ks.pop(), alpha=float(cfg.distill.alpha),
+                        z_loss=float(cfg.optim.z_loss), loss_chunk=int(cfg.distill.loss_chunk))
+
+
+def from_config(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig
+                ) -> OnlineDistill | OfflineDistill:
+  """The distillation objective `cfg` describes (the teacher, or its stored top-k, checked)."""
+  if offline(cfg):
+    return offline_from_config(cfg, model_cfg)
   return OnlineDistill(model_cfg, teacher_config(cfg, model_cfg),
                        temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
                        z_loss=float(cfg.optim.z_loss), loss_chunk=int(cfg.distill.loss_chunk))
