@@ -103,7 +103,8 @@ def hf_layout(cfg: ModelConfig, targets: tuple[str, ...]
   coordinate of each HF out-feature), read off `hf.layer_to_hf` run on a probe block."""
   boxed = _boxed_block(cfg)
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-  probe = jax.tree.map(lambda b: np.zeros(b.value.shape[1:], np.int64), boxed, is_leaf=is_box)
+  # int32: one layer's worth of memory, as a float32 layer (every Gemma weight has < 2**31 entries)
+  probe = jax.tree.map(lambda b: np.zeros(b.value.shape[1:], np.int32), boxed, is_leaf=is_box)
   sizes = {}
   for keys, target, leaf in lora._sites(boxed, targets):
     names, shape = tuple(leaf.names), leaf.value.shape
@@ -122,6 +123,9 @@ def hf_layout(cfg: ModelConfig, targets: tuple[str, ...]
 
     in_flat, n_in = flat(ins)
     out_flat, n_out = flat(outs)
+    if n_in * n_out >= 2**31:
+      raise ValueError(f"{'/'.join(keys)} has {n_in * n_out} entries per layer, more than the "
+                       "int32 layout probe holds")
     value = np.broadcast_to(out_flat * n_in + in_flat, [shape[d] for d in dims])
     w = lora._get(probe, keys)
     if stack is None:
