@@ -290,18 +290,34 @@ def test_bad_input_is_one_line_naming_the_fix(world, tmp_path, capsys):
                        log=False)
 
 
-def test_a_student_learns_the_stored_target(world):
-  """configs/distill_tiny.py's student, offline from the stored top-k, on one device: the KL to
-  the stored target falls (the trainer's own step: build picks the offline objective)."""
+def _student_config(world):
   from configs import distill_tiny  # noqa: PLC0415
 
-  cfg = distill_tiny.get_config()
+  cfg = distill_tiny.get_config()  # its distill.teacher is set too: the stored top-k wins
   cfg.data.update(sources=world["data"], teacher_topk=world["sampled"], prefetch=0)
   cfg.train.update(steps=12, seq_len=SEQ, global_batch=8)
   cfg.optim.warmup_steps = 1
   cfg.distill.loss_chunk = 8
+  return cfg
+
+
+def test_the_trainer_picks_the_offline_objective_and_checks_it(world):
+  cfg = _student_config(world)
   setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-  assert type(setup.objective).__name__ == "OfflineDistill"
+  assert type(setup.objective).__name__ == "OfflineDistill" and setup.frozen_abstract == {}
+  spec = setup.objective.batch_spec(8, SEQ)
+  assert spec["teacher_ids"].shape == spec["teacher_weights"].shape == (8, SEQ, K)
+  cfg.distill.temperature = 2.0
+  with pytest.raises(ValueError, match="drawn at temperature 1.0; set config.distill.tempera"):
+    build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+
+
+@pytest.mark.slow
+def test_a_student_learns_the_stored_target(world):
+  """configs/distill_tiny.py's student, offline from the stored top-k, on one device, by the
+  trainer's own step: the KL to the stored target falls."""
+  cfg = _student_config(world)
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   state, frozen = setup.create_state(seed=0), setup.load_frozen()
   it = make_train_iterator(cfg.data, seq_len=SEQ, global_batch=8, seed=0)
   kl = []
