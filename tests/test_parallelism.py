@@ -72,8 +72,7 @@ def reference():
   return run_losses(make_config(), jax.devices()[:1])[0]
 
 
-LAYOUTS = {
-    "data8": dict(ici_data=8),
+LAYOUTS = {  # pure data parallelism (data 8) is the gradient-accumulation test's layout
     "data2_tensor4": dict(ici_data=2, ici_tensor=4),
     "fsdp8": dict(ici_fsdp=8),
     "dcn2_x_data2_tensor2": dict(dcn_data=2, ici_data=2, ici_tensor=2),
