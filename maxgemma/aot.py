@@ -101,6 +101,8 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
   with setup.scope():
     lowered = setup.train_step.lower(state, batch, frozen)
   t1 = time.perf_counter()
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # a report is always a fresh compile
   try:
     compiled = lowered.compile()
   except Exception as e:  # XlaRuntimeError; the TPU compiler's HBM refusal is RESOURCE_EXHAUSTED
@@ -113,6 +115,8 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
       err.details = message  # the compiler's full report (largest allocations)
       raise err from e
     raise
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
   lower_s, compile_s = t1 - t0, time.perf_counter() - t1
 
   mem = compiled.memory_analysis()
