@@ -11,7 +11,7 @@ Train on a v5p-12288 (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma2_27b_v5p_8x24x32.py --workdir=gs://BUCKET/27b
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 TOPOLOGY = "v5p:8x24x32"
 
@@ -22,10 +22,7 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
   c.model.remat_policy = "full"
   # The Pallas splash kernel (sliding window and soft-capping inside), every tile 512.
-  c.model.attention_impl = "splash"
-  c.model.update(splash_block_q=512, splash_block_kv=512, splash_block_kv_compute=512,
-                 splash_block_q_dkv=512, splash_block_kv_dkv=512, splash_block_kv_dkv_compute=512,
-                 splash_block_q_dq=512, splash_block_kv_dq=512, splash_fused_bwd=False)
+  use_splash(c.model, 512)
   c.train.seq_len = 8192
   # One row per data-parallel group of 8 chips (6.3M tokens), the least this layout takes.
   c.train.global_batch = 768

@@ -15,7 +15,7 @@ Train on a v4-8192 (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma2_9b_v4_8x16x32.py --workdir=gs://BUCKET/9b
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 TOPOLOGY = "v4:8x16x32"
 
@@ -26,10 +26,7 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
   c.model.remat_policy = "full"
   # The Pallas splash kernel (sliding window and soft-capping inside), every tile 512.
-  c.model.attention_impl = "splash"
-  c.model.update(splash_block_q=512, splash_block_kv=512, splash_block_kv_compute=512,
-                 splash_block_q_dkv=512, splash_block_kv_dkv=512, splash_block_kv_dkv_compute=512,
-                 splash_block_q_dq=512, splash_block_kv_dq=512, splash_fused_bwd=False)
+  use_splash(c.model, 512)
   c.train.seq_len = 8192
   # One row per data-parallel group of 4 chips (8.4M tokens), the least this layout takes.
   c.train.global_batch = 1024

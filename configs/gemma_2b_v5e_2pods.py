@@ -13,7 +13,7 @@ Train on the pods (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma_2b_v5e_2pods.py --workdir=gs://BUCKET/2b
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 PODS = 2
 
@@ -24,10 +24,7 @@ def get_config():
   c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
   c.model.remat_policy = "full"
   # The Pallas splash kernel, every tile 512 (docs/aot.md).
-  c.model.attention_impl = "splash"
-  c.model.update(splash_block_q=512, splash_block_kv=512, splash_block_kv_compute=512,
-                 splash_block_q_dkv=512, splash_block_kv_dkv=512, splash_block_kv_dkv_compute=512,
-                 splash_block_q_dq=512, splash_block_kv_dq=512, splash_fused_bwd=False)
+  use_splash(c.model, 512)
   c.train.seq_len = 8192
   # 8 rows per chip fit with splash (peak 14.95 of 15.75 GiB: a thin margin; docs/aot.md).
   c.train.global_batch = PODS * 2048

@@ -13,7 +13,7 @@ Train on the pods (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma_7b_v5e_16pods.py --workdir=gs://BUCKET/7b
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 PODS = 16
 
@@ -25,10 +25,7 @@ def get_config():
   c.model.remat_policy = "full"
   # The Pallas splash kernel: no [8192, 8192] scores per head while a layer is recomputed. Tiles
   # as measured by the AOT compile (docs/aot.md).
-  c.model.attention_impl = "splash"
-  c.model.update(splash_block_q=512, splash_block_kv=512, splash_block_kv_compute=512,
-                 splash_block_q_dkv=512, splash_block_kv_dkv=512, splash_block_kv_dkv_compute=512,
-                 splash_block_q_dq=512, splash_block_kv_dq=512, splash_fused_bwd=False)
+  use_splash(c.model, 512)
   c.train.seq_len = 8192
   c.train.global_batch = PODS * 512  # each pod's share as in gemma_7b_v5e_1pod.py: 67M tokens
   c.train.loss_chunk = 512  # no [B, 8192, 256128] float32 logits; 1024: 16 pods do not fit

@@ -10,7 +10,7 @@ Train on a v5e-256 (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma_7b_v5e_1pod.py --workdir=gs://BUCKET/7b
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 
 def get_config():
@@ -20,10 +20,7 @@ def get_config():
   c.model.remat_policy = "full"
   # The Pallas splash kernel: no [8192, 8192] scores per head while a layer is recomputed. Tiles
   # as measured by the AOT compile (docs/aot.md).
-  c.model.attention_impl = "splash"
-  c.model.update(splash_block_q=512, splash_block_kv=512, splash_block_kv_compute=512,
-                 splash_block_q_dkv=512, splash_block_kv_dkv=512, splash_block_kv_dkv_compute=512,
-                 splash_block_q_dq=512, splash_block_kv_dq=512, splash_fused_bwd=False)
+  use_splash(c.model, 512)
   c.train.seq_len = 8192
   # 32 rows per fsdp group (4.2M tokens) fit with splash and sharded residuals (docs/aot.md).
   c.train.global_batch = 512

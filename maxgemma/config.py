@@ -14,7 +14,7 @@ import typing
 import ml_collections
 from ml_collections import config_dict
 
-from maxgemma.model.config import ModelConfig
+from maxgemma.model.config import SPLASH_BLOCKS, ModelConfig
 from maxgemma.model.presets import get_preset
 
 # ModelConfig fields that only a preset sets (structural tuples are not command-line friendly).
@@ -105,6 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
       coordinator="", num_processes=0, process_id=-1,  # all unset: single process or TPU auto
   ))
   return c
+
+
+def use_splash(model: ml_collections.ConfigDict, tile: int) -> None:
+  """`config.model` set to the Pallas splash kernel with every tile `tile` long and the separate
+  dq pass (the pod configs' setting)."""
+  model.attention_impl = "splash"
+  model.update({f"splash_{name}": tile for name in SPLASH_BLOCKS}, splash_fused_bwd=False)
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
