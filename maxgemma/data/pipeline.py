@@ -146,27 +146,26 @@ class _ReadChunks:
   def __setstate__(self, state: dict) -> None:
     self.__init__(state["source"], state["order"], state["chunker"], state.get("teacher"))
 
-  def _teacher_reader(self, f: int) -> ArrayRecordReader:
-    if f not in self._teacher_readers:
-      path = self.teacher.paths[f]
-      reader = ArrayRecordReader(path, "readahead_buffer_size:0")
+  def _open(self, readers: dict, f: int, path, mismatch) -> ArrayRecordReader:
+    """File f's reader, opened once from `path()` (asked only then: a remote file is fetched
+    there); `mismatch(records)` is the error when it does not hold the manifest's count."""
+    if f not in readers:
+      reader = ArrayRecordReader(path(), "readahead_buffer_size:0")
       if reader.num_records() != self.source.file_documents[f]:
-        raise ValueError(f"{path}: holds {reader.num_records()} records, {self.source.paths[f]} "
-                         f"{self.source.file_documents[f]}: config.data.teacher_topk was not "
-                         "written for this data (or was replaced); write it again")
-      self._teacher_readers[f] = reader
-    return self._teacher_readers[f]
+        raise ValueError(mismatch(reader.num_records()))
+      readers[f] = reader
+    return readers[f]
+
+  def _teacher_reader(self, f: int) -> ArrayRecordReader:
+    path, documents = self.teacher.paths[f], self.source.file_documents[f]
+    return self._open(self._teacher_readers, f, lambda: path, lambda n: (
+        f"{path}: holds {n} records, {self.source.paths[f]} {documents}: "
+        "config.data.teacher_topk was not written for this data (or was replaced); write it again"))
 
   def _reader(self, f: int) -> ArrayRecordReader:
-    if f not in self._readers:
-      path = self.source.local_path(f)
-      reader = ArrayRecordReader(path, "readahead_buffer_size:0")
-      if reader.num_records() != self.source.file_documents[f]:
-        raise ValueError(f"{self.source.paths[f]}: holds {reader.num_records()} records, the "
-                         f"manifest says {self.source.file_documents[f]} (file replaced?): "
-                         "prepare the dataset again")
-      self._readers[f] = reader
-    return self._readers[f]
+    return self._open(self._readers, f, lambda: self.source.local_path(f), lambda n: (
+        f"{self.source.paths[f]}: holds {n} records, the manifest says "
+        f"{self.source.file_documents[f]} (file replaced?): prepare the dataset again"))
 
   def __call__(self, group: int) -> list[np.ndarray]:
     files, recs = self.order(group)
