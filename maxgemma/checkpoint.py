@@ -57,13 +57,15 @@ _ARCH_FIELDS = ("family", "num_layers", "d_model", "ffn_dim", "num_heads", "num_
                 "head_dim", "vocab_size")
 
 
-def check_same_architecture(saved: ModelConfig, current: ModelConfig, where: str) -> None:
-  """Raises a clear error when a checkpoint holds a different model than the config asks for."""
+def check_same_architecture(saved: ModelConfig, current: ModelConfig, where: str,
+                            fix: str = "use another --workdir or set config.model to match"
+                            ) -> None:
+  """Raises a clear error (ending in `fix`) when a checkpoint holds a different model than the
+  config asks for."""
   diffs = [f"{f}: checkpoint {getattr(saved, f)!r} vs config {getattr(current, f)!r}"
            for f in _ARCH_FIELDS if getattr(saved, f) != getattr(current, f)]
   if diffs:
-    raise ValueError(f"{where} holds checkpoints of a different model ({'; '.join(diffs)}); use "
-                     "another --workdir or set config.model to match")
+    raise ValueError(f"{where} holds checkpoints of a different model ({'; '.join(diffs)}); {fix}")
 
 
 class Checkpointer:

@@ -90,6 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
       temperature=1.0, alpha=0.0,  # alpha: the next-token loss's share of the objective
       loss_chunk=256,  # positions per chunk of both models' logits (no [B, L, V] logits)
       teacher_dtype="",  # the teacher's params and compute dtype ("" = its checkpoint's config)
+      teacher_preset="",  # the teacher's architecture, checked against its checkpoint at load
+      # ("" = the checkpoint's; set, maxgemma.aot compiles without the checkpoint)
   ))
   c.dpo = ml_collections.ConfigDict(dict(  # docs/finetune.md
       enabled=False, beta=0.1, label_smoothing=0.0,

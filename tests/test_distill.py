@@ -197,6 +197,35 @@ def test_teacher_with_another_tokenizer_is_refused(tiny_teacher, tmp_path):
   assert "\n" not in str(e.value)
 
 
+
+def test_a_preset_teacher_builds_without_its_checkpoint_and_is_checked_when_loaded(tmp_path):
+  """`distill.teacher_preset`: the step is built (as maxgemma.aot does) before any checkpoint
+  exists; loading then refuses a checkpoint of another architecture and loads a matching one."""
+  teacher_dir = tmp_path / "teacher"
+  cfg = student_config(str(teacher_dir), **{"distill.teacher_preset": "demo_gemma2"})
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  assert setup.objective.teacher.model_cfg.num_layers == 4  # demo_gemma2, no checkpoint read
+  with pytest.raises(FileNotFoundError, match=f"config.distill.teacher={teacher_dir}: no "
+                     "complete checkpoint"):
+    setup.load_frozen()
+  _save_teacher(tiny_config(), str(teacher_dir))  # tiny_gemma2: d_model 96, the preset's is 128
+  with pytest.raises(ValueError, match=r"holds checkpoints of a different model \(d_model: "
+                     r"checkpoint 96 vs config 128.*set config.distill.teacher_preset") as e:
+    setup.load_frozen()
+  assert "\n" not in str(e.value)
+  demo = tiny_config(**{"model.preset": "demo_gemma2"})
+  matching = _save_teacher(demo, str(tmp_path / "demo_teacher"), seed=3)
+  cfg.distill.teacher = matching
+  loaded = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).load_frozen()["teacher"]
+  saved = checkpoint.load_params(matching)[0]
+  assert jax.tree.structure(loaded) == jax.tree.structure(saved)
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), y)
+  cfg.distill.teacher_preset = "gemma_9b"
+  with pytest.raises(ValueError, match="config.distill.teacher_preset=gemma_9b: unknown model "
+                     "preset 'gemma_9b'"):
+    build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+
 if __name__ == "__main__":
   import tempfile
 

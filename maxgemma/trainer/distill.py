@@ -20,6 +20,7 @@ No teacher runs in the step and there are no frozen inputs.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -55,9 +56,31 @@ def offline(cfg: ml_collections.ConfigDict) -> bool:
   return bool(cfg.get("data", {}).get("teacher_topk", ""))
 
 
-def teacher_config(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teacher:
-  """The teacher `cfg.distill.teacher` names, checked against the student: a complete checkpoint,
-  the same tokenizer and vocabulary, a context at least `train.seq_len` long."""
+# ModelConfig fields that say how a model runs, not what it is: the teacher takes the student's.
+_EXECUTION_FIELDS = ("attention_impl", "flatten_matmuls", "splash_block_q", "splash_block_kv",
+                     "splash_block_kv_compute", "splash_block_q_dkv", "splash_block_kv_dkv",
+                     "splash_block_kv_dkv_compute", "splash_block_q_dq", "splash_block_kv_dq",
+                     "splash_fused_bwd")
+
+
+def _runnable(cfg: ml_collections.ConfigDict, teacher: ModelConfig, student: ModelConfig,
+              key: str) -> ModelConfig:
+  """`teacher` in `distill.teacher_dtype`, run the way the student runs, checked against it."""
+  if teacher.vocab_size != student.vocab_size:
+    raise ValueError(f"{key}: the teacher's vocabulary ({teacher.vocab_size}) differs from the "
+                     f"student's config.model.vocab_size ({student.vocab_size}); distillation "
+                     "needs one tokenizer and one vocabulary size")
+  changes = {f: getattr(student, f) for f in _EXECUTION_FIELDS}
+  if cfg.distill.teacher_dtype:
+    changes.update(dtype=str(cfg.distill.teacher_dtype), param_dtype=str(cfg.distill.teacher_dtype))
+  try:
+    return dataclasses.replace(teacher, **changes).validate(seq_len=int(cfg.train.seq_len))
+  except ValueError as e:
+    raise ValueError(f"{key}: the teacher cannot run this config: {e}") from None
+
+
+def _checkpoint_teacher(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teacher:
+  """The latest checkpoint of `cfg.distill.teacher`, its tokenizer checked against the student's."""
   from maxgemma.checkpoint import Checkpointer, model_config_from_dict  # noqa: PLC0415
   from maxgemma.convert.workdir_tokenizer import find_tokenizer  # noqa: PLC0415
 
@@ -79,28 +102,40 @@ def teacher_config(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teac
     raise ValueError(f"{key}: checkpoint {step} records no model config; re-save it with "
                      "maxgemma.train or maxgemma.import_weights")
   teacher = model_config_from_dict(meta["model"])
-  if teacher.vocab_size != student.vocab_size:
-    raise ValueError(f"{key}: the teacher's vocabulary ({teacher.vocab_size}) differs from the "
-                     f"student's config.model.vocab_size ({student.vocab_size}); distillation "
-                     "needs one tokenizer and one vocabulary size")
-  found = find_tokenizer(workdir, meta=meta)
-  if found.path is None:
-    raise ValueError(f"{key}: the teacher has no known tokenizer ({found.origin}); write its "
-                     f"tokenizer.model into {workdir} so that it can be checked against "
-                     "config.data.tokenizer")
-  mine = tokenizer_lib.load_tokenizer(str(cfg.data.tokenizer))
-  theirs = tokenizer_lib.load(found.path)
-  if mine.fingerprint != theirs.fingerprint:
-    raise ValueError(f"{key}: the teacher's tokenizer ({found.origin}) is not the student's "
-                     f"config.data.tokenizer ({mine.path}); distillation needs one tokenizer")
-  if cfg.distill.teacher_dtype:
-    dtype = str(cfg.distill.teacher_dtype)
-    teacher = dataclasses.replace(teacher, dtype=dtype, param_dtype=dtype)
+  if teacher.vocab_size == student.vocab_size:
+    found = find_tokenizer(workdir, meta=meta)
+    if found.path is None:
+      raise ValueError(f"{key}: the teacher has no known tokenizer ({found.origin}); write its "
+                       f"tokenizer.model into {workdir} so that it can be checked against "
+                       "config.data.tokenizer")
+    mine = tokenizer_lib.load_tokenizer(str(cfg.data.tokenizer))
+    theirs = tokenizer_lib.load(found.path)
+    if mine.fingerprint != theirs.fingerprint:
+      raise ValueError(f"{key}: the teacher's tokenizer ({found.origin}) is not the student's "
+                       f"config.data.tokenizer ({mine.path}); distillation needs one tokenizer")
+  return Teacher(workdir=workdir, step=int(step), model_cfg=_runnable(cfg, teacher, student, key))
+
+
+def teacher_config(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teacher:
+  """The teacher `cfg.distill.teacher` names, checked against the student: a complete checkpoint,
+  the same tokenizer and vocabulary, a context at least `train.seq_len` long. It runs the way
+  the student runs (attention kernel and tiles), in `distill.teacher_dtype` when that is set.
+
+  With `distill.teacher_preset` the teacher's architecture is that preset's and the checkpoint
+  is read (and checked to hold that architecture) only when the parameters are loaded, so
+  `maxgemma.aot` compiles a distillation step without the teacher's checkpoint (`step` is -1).
+  """
+  if not cfg.distill.teacher_preset:
+    return _checkpoint_teacher(cfg, student)
+  from maxgemma.model import presets  # noqa: PLC0415
+
+  key = f"config.distill.teacher_preset={cfg.distill.teacher_preset}"
   try:
-    teacher = teacher.validate(seq_len=int(cfg.train.seq_len))
+    teacher = presets.get_preset(str(cfg.distill.teacher_preset))
   except ValueError as e:
-    raise ValueError(f"{key}: the teacher cannot run this config: {e}") from None
-  return Teacher(workdir=workdir, step=int(step), model_cfg=teacher)
+    raise ValueError(f"{key}: {e}") from None
+  return Teacher(workdir=str(cfg.distill.teacher), step=-1,
+                 model_cfg=_runnable(cfg, teacher, student, key))
 
 
 class OnlineDistill(Objective):
@@ -115,9 +150,11 @@ class OnlineDistill(Objective):
   sums = distill_loss.AUX_KEYS
 
   def __init__(self, model_cfg: ModelConfig, teacher: Teacher, *, temperature: float = 1.0,
-               alpha: float = 0.0, z_loss: float = 0.0, loss_chunk: int = 256):
+               alpha: float = 0.0, z_loss: float = 0.0, loss_chunk: int = 256,
+               find_checkpoint: Callable[[], Teacher] | None = None):
+    """`find_checkpoint` gives the checkpoint of a preset `teacher` (step -1) at load time."""
     super().__init__(model_cfg)
-    self.teacher = teacher
+    self.teacher, self._find_checkpoint = teacher, find_checkpoint
     self.temperature, self.alpha, self.z_loss = float(temperature), float(alpha), float(z_loss)
     self.loss_chunk = int(loss_chunk)
     if self.loss_chunk <= 0:
@@ -131,13 +168,23 @@ class OnlineDistill(Objective):
     return {"teacher": state_lib.abstract_params(self.teacher.model_cfg)}
 
   def load_frozen(self, shardings: Any) -> Any:
-    from maxgemma.checkpoint import Checkpointer  # noqa: PLC0415
+    from maxgemma.checkpoint import Checkpointer, check_same_architecture  # noqa: PLC0415
 
     abstract = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype),
                                        nn.unbox(self.frozen_abstract()["teacher"]))}
+    step = self.teacher.step
+    if step < 0:  # a preset teacher: its checkpoint is found and checked now
+      if self._find_checkpoint is None:
+        raise ValueError("a preset teacher (step -1) needs find_checkpoint to be loaded")
+      found = self._find_checkpoint()
+      check_same_architecture(found.model_cfg, self.teacher.model_cfg,
+                              f"config.distill.teacher={self.teacher.workdir}",
+                              "set config.distill.teacher_preset to the teacher's preset, or "
+                              "empty to take the checkpoint's architecture")
+      step = found.step
     ckpt = Checkpointer(self.teacher.workdir, read_only=True)
     try:
-      restored = ckpt.restore(self.teacher.step, abstract, {"params": shardings["teacher"]})
+      restored = ckpt.restore(step, abstract, {"params": shardings["teacher"]})
     finally:
       ckpt.close()
     return {"teacher": restored["params"]}
@@ -260,4 +307,5 @@ def from_config(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig
     return offline_from_config(cfg, model_cfg)
   return OnlineDistill(model_cfg, teacher_config(cfg, model_cfg),
                        temperature=float(cfg.distill.temperature), alpha=float(cfg.distill.alpha),
-                       z_loss=float(cfg.optim.z_loss), loss_chunk=int(cfg.distill.loss_chunk))
+                       z_loss=float(cfg.optim.z_loss), loss_chunk=int(cfg.distill.loss_chunk),
+                       find_checkpoint=lambda: _checkpoint_teacher(cfg, model_cfg))
