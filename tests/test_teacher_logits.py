@@ -9,8 +9,10 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +178,32 @@ def test_resume_rewrites_only_the_missing_shard_byte_for_byte(world, tmp_path):
   assert _files(out) == before
   assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in stamps} == stamps
 
+
+
+def test_a_run_killed_mid_way_resumes_to_the_same_shards(world, tmp_path):
+  """SIGKILL of a real `python -m maxgemma.teacher_logits` once its first shard is complete (the
+  next one being written), then a resumed run: the same files as an uninterrupted run."""
+  out = str(tmp_path / "killed")
+  progress = os.path.join(out, teacher_logits.PROGRESS_DIR)
+  args = [f"--data={world['data']}", f"--teacher={world['teacher']}", f"--out={out}", f"--k={K}",
+          f"--seq_len={SEQ}", f"--batch_tokens={4 * SEQ}", "--seed=5", "--quiet"]
+  child = subprocess.Popen([sys.executable, "-m", "maxgemma.teacher_logits", *args], env=env(1),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 240
+  try:
+    while not (os.path.isdir(progress) and len(os.listdir(progress)) >= 2):  # plan + one shard
+      assert child.poll() is None, "the writer ended before it could be killed"
+      assert time.monotonic() < deadline, "no shard was completed in 240 s"
+      time.sleep(0.05)
+  finally:
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+  assert not os.path.exists(os.path.join(out, records.MANIFEST))  # it was stopped mid-way
+  done = len(os.listdir(progress)) - 1
+  assert 1 <= done < len(_files(world["sampled"])) - 1
+  teacher_logits.run(world["data"], world["teacher"], out, k=K, seq_len=SEQ,
+                     batch_tokens=4 * SEQ, seed=5, log=False)
+  assert _files(out) == _files(world["sampled"])
 
 def test_two_processes_write_the_files_of_one(world, tmp_path):
   out = str(tmp_path / "two")
