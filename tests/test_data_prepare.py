@@ -190,3 +190,81 @@ def test_worker_error_stops_the_job_without_a_manifest(tmp_path, capsys):
   assert rc == 2 and f"{bad}:6: malformed JSON" in err
   assert not os.path.exists(os.path.join(out, "manifest.json"))
   assert not [n for n in os.listdir(out) if n.endswith(".tmp") and "00001" in n]
+
+
+def _pairs(directory: str) -> list[tuple[list[int], list[int], list[int]]]:
+  """Every (prompt, chosen, rejected) record of a prepared preference directory."""
+  from array_record.python.array_record_module import ArrayRecordReader
+  m = records.read_manifest(directory)
+  out = []
+  for shard in m["shards"]:
+    reader = ArrayRecordReader(os.path.join(directory, shard["file"]))
+    out += [tuple(x.tolist() for x in records.decode_preference(data, dtype=m["token_dtype"]))
+            for data in reader.read_all()]
+    reader.close()
+  return out
+
+
+def test_preference_pairs_round_trip_plain_chat_and_parquet(tmp_path):
+  from maxgemma.data.chat import chat_template
+  tok = tok_lib.load_tokenizer("")
+  plain = [{"prompt": f"Question {i}: name a colour.", "chosen": f"Blue, number {i}.",
+            "rejected": "I will not."} for i in range(30)]
+  chats = [{"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": f"What is {i} + {i}?"}],
+            "chosen": str(2 * i), "rejected": f"{2 * i + 1}, I think"} for i in range(20)]
+  with open(tmp_path / "a.jsonl", "w") as f:
+    for row in plain + chats:
+      f.write(json.dumps(row) + "\n")
+  table = [{"prompt": f"Parquet {i}", "chosen": "yes", "rejected": "no"} for i in range(10)]
+  pq.write_table(pa.Table.from_pylist(table), tmp_path / "b.parquet")
+  out = str(tmp_path / "out")
+  m = prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")], "", out, kind="preference",
+              eval_fraction=0.2, progress=False)
+  assert m["kind"] == "preference" and m["documents"] == 60 and m["skipped"] == 0
+  assert 0 < m["splits"]["eval"]["documents"] < 30
+  pairs = _pairs(out)
+  assert m["tokens"] == sum(len(p) + len(c) + len(r) for p, c, r in pairs)
+  got = sorted((tok.decode(p), tok.decode(c), tok.decode(r)) for p, c, r in pairs)
+  want = [(row["prompt"], row["chosen"], row["rejected"]) for row in plain + table]
+  want += [(chat_template(row["messages"], add_generation_prompt=True),
+            row["chosen"] + "<end_of_turn>", row["rejected"] + "<end_of_turn>") for row in chats]
+  assert got == sorted(want)
+  for p, c, r in pairs:  # bos opens the prompt; eos closes a plain answer (chat: <end_of_turn>)
+    chat = tok.decode(p).startswith("<start_of_turn>")
+    assert p[0] == tok.bos_id and tok.bos_id not in p[1:]
+    assert (c[-1] == tok.eos_id and r[-1] == tok.eos_id) != chat
+
+
+def test_bad_preference_rows_name_file_line_and_field(tmp_path, capsys):
+  good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+  rows = [good, {"prompt": "p", "chosen": "a"}, {"prompt": "p", "chosen": "", "rejected": "b"},
+          {"prompt": "p", "chosen": "a", "rejected": 3}, {"chosen": "a", "rejected": "b"},
+          {"prompt": " ", "chosen": "a", "rejected": "b"},
+          {"prompt": "p", "messages": [{"role": "user", "content": "q"}], "chosen": "a",
+           "rejected": "b"},
+          {"messages": [{"role": "user", "content": "q"}, {"role": "model", "content": "x"}],
+           "chosen": "a", "rejected": "b"},
+          {"messages": [{"role": "robot", "content": "q"}], "chosen": "a", "rejected": "b"}]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  expected = {2: "'rejected' is missing", 3: "'chosen' is empty",
+              4: "'rejected' must be a string (the model's answer), got int",
+              5: "no 'prompt' or 'messages' field (keys: chosen, rejected)",
+              6: "'prompt' is empty", 7: "both 'prompt' and 'messages': give one",
+              8: "'messages' must end with a user turn", 9: "bad chat 'messages': message 0 has "
+              "role 'robot'"}
+  rc, err = _run_cli(capsys, f"--input={bad}", f"--output={tmp_path}/o", "--kind=preference")
+  assert rc == 2 and f"{bad}:2: {expected[2]}. Fix the record, or re-run with --skip_bad" in err
+  assert len(err.strip().splitlines()) == 1, err
+  rc, err = _run_cli(capsys, f"--input={bad}", f"--output={tmp_path}/o2", "--kind=preference",
+                     "--skip_bad")
+  assert rc == 0, err
+  m = records.read_manifest(f"{tmp_path}/o2")
+  assert m["documents"] == 1 and m["skipped"] == len(expected)
+  for line, reason in expected.items():
+    assert any(e.startswith(f"{bad}:{line}: {reason}") for e in m["skipped_examples"]), (
+        line, m["skipped_examples"])
+  rc, err = _run_cli(capsys, f"--input={bad}", f"--output={tmp_path}/o3", "--kind=preference",
+                     "--text_field=text")
+  assert rc == 2 and "--text_field='text' does not apply to --kind=preference" in err

@@ -10,6 +10,9 @@ cross documents) -> (worker-process prefetch of groups, order kept) -> grain pac
 With `config.data.teacher_topk` (offline distillation, `maxgemma.data.topk`) each document's
 aligned teacher record is read beside it and cut into the same chunks, packed with them, so every
 position's `teacher_ids` / `teacher_weights` [K] belong to that position's token.
+A preference source (`kind: preference`, pairs for DPO) gives one pair per row instead, laid out
+by `maxgemma.data.preference.pack_pair` (never packed with other pairs); a pair that does not fit
+seq_len is dropped and counted (`stats()["dropped_pairs"]`, logged when the first is dropped).
 A process runs only the loader shards its devices' rows need (`maxgemma.feed` plans which) and
 gets their rows concatenated in shard order, prefetched in a thread.
 
@@ -28,16 +31,16 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from array_record.python.array_record_module import ArrayRecordReader
 
-from maxgemma.data import records, topk
+from maxgemma.data import preference, records, topk
 from maxgemma.data.shuffle import permute
 from maxgemma.data.sources import Source, resolve_all
 from maxgemma.data.tokenizer import load_tokenizer
 
 __all__ = ["DataIterator", "loader_shard_count", "make_eval_iterator", "make_train_iterator",
-           "shard_documents"]
+           "shard_documents", "source_kinds"]
 
 _MAX_FAN_OUT = 1 << 20  # chunks per document (grain's flat-map bound)
 
@@ -180,6 +183,49 @@ class _ReadChunks:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _PairRow:
+  """Preference record bytes -> its row (`preference.pack_pair`) in the packer's form (`seq`
+  [L, 3] token, target, loss weight; `seq_segment_ids`, `seq_positions`), or None when the pair
+  does not fit in seq_len."""
+  seq_len: int
+  dtype: str
+
+  def __call__(self, data: bytes) -> dict[str, np.ndarray] | None:
+    row = preference.pack_pair(*records.decode_preference(data, dtype=self.dtype), self.seq_len)
+    if row is None:
+      return None
+    seq = np.stack([row["tokens"], row["targets"], row["loss_weights"].astype(np.int32)], -1)
+    return {"seq": seq, "seq_segment_ids": row["segment_ids"], "seq_positions": row["positions"]}
+
+  def length(self, data: bytes) -> int:
+    return preference.pair_length(*records.decode_preference(data, dtype=self.dtype))
+
+
+class _ReadPairs(_ReadChunks):
+  """Group number -> the rows of that group's preference pairs that fit, in order. A row's
+  `dropped` counts the pairs dropped just before it (the last row also those after it)."""
+
+  def __call__(self, group: int) -> list[dict[str, np.ndarray]]:
+    files, recs = self.order(group)
+    rows, dropped, shortest = [], 0, 1 << 62
+    for f, r in zip(files.tolist(), recs.tolist(), strict=True):
+      data = self._reader(f).read([r])[0]
+      row = self.chunker(data)
+      if row is None:
+        dropped, shortest = dropped + 1, min(shortest, self.chunker.length(data))
+        continue
+      rows.append({**row, "dropped": np.int32(dropped)})
+      dropped = 0
+    if not rows:
+      raise ValueError(f"{self.source.spec}: none of {len(files)} preference pairs in a row fits "
+                       f"train.seq_len={self.chunker.seq_len} (the shortest needs {shortest} "
+                       "slots: twice the prompt plus both answers, less 2): raise "
+                       "config.train.seq_len")
+    rows[-1]["dropped"] += np.int32(dropped)
+    return rows
+
+
 class _Flatten(grain.experimental.FlatMapTransform):
   max_fan_out = _MAX_FAN_OUT
 
@@ -223,6 +269,8 @@ def _finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       "segment_ids": seg,
       "loss_weights": (seq[..., 2] * (seg > 0)).astype(np.float32),
   }
+  if "dropped" in batch:  # preference rows: pairs dropped before each (DataIterator counts them)
+    out["dropped"] = batch["dropped"]
   for key in _TEACHER_KEYS:
     if key in batch:  # zeros on padding, whatever the packer left there
       out[key] = np.where((seg > 0)[..., None], batch[key], 0).astype(batch[key].dtype)
@@ -243,15 +291,22 @@ def _rows(source: Source, index: int, shard: int, shards: int, data_cfg: Any, *,
                      "config.data.loader_shards to a smaller divisor of train.global_batch")
   shuffle_seed = _seed(seed, index, shard, 0) if train and data_cfg.shuffle else None
   order = _Order(runs, shuffle_seed)
-  chunker = _Chunker(seq_len, source.token_dtype, source.kind == "sft")
+  pairs = source.kind == "preference"
+  if pairs:
+    read = _ReadPairs(source, order, _PairRow(seq_len, source.token_dtype))
+  else:
+    read = _ReadChunks(source, order, _Chunker(seq_len, source.token_dtype, source.kind == "sft"),
+                       teacher)
   # Infinite: group g holds the shard's documents g*G .. g*G+G-1 (epochs follow each other).
-  ds = grain.MapDataset.range(_GROUPS).map(_ReadChunks(source, order, chunker, teacher))
+  ds = grain.MapDataset.range(_GROUPS).map(read)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0))
   if data_cfg.worker_count > 0:  # 1:1 stage: workers' round-robin output keeps the order
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags when starting workers
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
   it = grain.experimental.FlatMapIterDataset(it, _Flatten())
+  if pairs:  # one pair per row, already laid out
+    return it
   if not data_cfg.packing:
     return it.map(_PadRow(seq_len))
   packer = {"best_fit": grain.experimental.BestFitPackIterDataset,
@@ -336,6 +391,13 @@ class DataIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._parent)
+    if "dropped" in batch:
+      dropped = self._stats.get("dropped_pairs", 0)
+      self._stats["dropped_pairs"] = dropped + int(np.sum(batch.pop("dropped")))
+      if not dropped and self._stats["dropped_pairs"]:
+        logging.warning("%s: preference pairs that do not fit train.seq_len=%d are dropped "
+                        "(counted in the data iterator's stats()['dropped_pairs'])",
+                        self.meta["split"], self.meta["seq_len"])
     self._stats["batches"] += 1
     self._stats["tokens"] += int(np.count_nonzero(batch["segment_ids"]))
     self._stats["slots"] += batch["segment_ids"].size
@@ -347,7 +409,8 @@ class DataIterator(grain.DatasetIterator):
     return self._stats["tokens"] / max(1, self._stats["slots"])
 
   def stats(self) -> dict[str, float]:
-    """Batches and non-padding tokens delivered so far and the packing efficiency."""
+    """Batches and non-padding tokens delivered so far and the packing efficiency (preference
+    data: also `dropped_pairs`, the pairs skipped for not fitting seq_len)."""
     return {**self._stats, "packing_efficiency": self.packing_efficiency}
 
   def get_state(self) -> dict[str, Any]:
@@ -422,6 +485,16 @@ def teacher_topk(data_cfg: Any, sources: Sequence[Source]) -> list[topk.Aligned 
   return aligned
 
 
+def source_kinds(data_cfg: Any, *, eval_sources: bool = False) -> set[str]:
+  """The kinds (pretrain, sft, preference) of `config.data.sources`' (or `eval_sources`')
+  prepared data, read from their manifests (a mix of preference and other data is refused in one
+  line)."""
+  setting = "config.data.eval_sources" if eval_sources else "config.data.sources"
+  spec = data_cfg.eval_sources if eval_sources else data_cfg.sources
+  return {s.kind for s in resolve_all(spec, "train", setting=setting, fingerprint=None,
+                                      cache=data_cfg.get("cache_dir", ""))}
+
+
 def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: int,
           shards: Sequence[int] | None) -> DataIterator:
   if seq_len < 1 or global_batch < 1:
@@ -439,6 +512,9 @@ def _make(data_cfg: Any, *, split: str, seq_len: int, global_batch: int, seed: i
   fingerprint = load_tokenizer(data_cfg.tokenizer).fingerprint
   sources = resolve_all(spec, want, setting=setting, fingerprint=fingerprint,
                         cache=data_cfg.get("cache_dir", ""))
+  if sources[0].kind == "preference" and data_cfg.get("teacher_topk", ""):
+    raise ValueError(f"config.data.teacher_topk={data_cfg.teacher_topk}: {setting} holds "
+                     "preference pairs, which take no teacher; unset one of them")
   teachers = teacher_topk(data_cfg, sources)
   per_shard = {}
   for j in shards:
@@ -464,7 +540,8 @@ def make_train_iterator(data_cfg: Any, *, seq_len: int, global_batch: int, seed:
 
   With all shards that is the whole `[global_batch, seq_len]` batch; `maxgemma.feed` chooses a
   process's shards. `next()` gives int32 `tokens`, `targets`, `positions`, `segment_ids`
-  (1.. per packed document, 0 = padding) and float32 `loss_weights`; with
+  (1.. per packed document, 0 = padding) and float32 `loss_weights` (preference data: one pair
+  per row, segments 1 and 2 its chosen and rejected sides, `preference.pack_pair`); with
   `config.data.teacher_topk` also the stored teacher's int32 `teacher_ids` and float16
   `teacher_weights` [B, L, K] of each position (zeros on padding).
   """

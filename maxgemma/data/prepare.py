@@ -2,6 +2,10 @@
 
   python -m maxgemma.data.prepare --input='corpus/*.jsonl' --tokenizer=tok.model --output=DIR
 
+--kind=pretrain reads a text field, --kind=sft chat `messages`, --kind=preference rows of
+`prompt` (or chat `messages`), `chosen` and `rejected` (maxgemma/data/preference.py), one pair
+per record.
+
 Each input is cut into units (about --unit_mb each, at document boundaries); a worker turns a
 unit into one train (and one eval) shard, written under a temporary name and renamed when
 complete, then records it in DIR/.progress/. A re-run skips finished units, so an interrupted
@@ -23,7 +27,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from maxgemma import storage
@@ -34,6 +37,7 @@ from maxgemma.data.tokenizer import Tokenizer, load_tokenizer
 PROGRESS_DIR = ".progress"
 _BATCH = 256  # documents tokenized per call
 _MAX_EXAMPLES = 20  # skipped-record examples kept in the manifest
+KINDS = ("pretrain", "sft", "preference")
 
 
 class PrepareError(ValueError):
@@ -72,9 +76,22 @@ def _init_worker(tokenizer: Tokenizer, progress: Any) -> None:
 
 
 def _encode_docs(tok: Tokenizer, kind: str, docs: list[tuple[int, object]], path: str,
-                 skip_bad: bool, stats: dict) -> list[tuple[bytes, str]]:
-  """(record, eval key) per usable document of a batch."""
+                 skip_bad: bool, stats: dict) -> list[tuple[bytes, str, int]]:
+  """(record, eval key, tokens) per usable document of a batch."""
   out = []
+  dtype = records.token_dtype(tok.vocab_size)
+  if kind == "preference":
+    from maxgemma.data.preference import encode_pair
+    pairs = []
+    for line, value in docs:
+      try:
+        ids = encode_pair(tok, value)
+      except ValueError as e:
+        _bad(BadRecordError(path, line, str(e)), skip_bad, stats)
+        continue
+      pairs.append((records.encode_preference(*ids, dtype=dtype),
+                    json.dumps(value, sort_keys=True), sum(len(x) for x in ids)))
+    return pairs
   if kind == "pretrain":
     texts = []
     for line, value in docs:
@@ -97,8 +114,8 @@ def _encode_docs(tok: Tokenizer, kind: str, docs: list[tuple[int, object]], path
         _bad(BadRecordError(path, line, f"bad chat messages: {e}"), skip_bad, stats)
         continue
       out.append((ids, mask, json.dumps(value, sort_keys=True)))
-  dtype = records.token_dtype(tok.vocab_size)
-  return [(records.encode_record(ids, mask, dtype=dtype), key) for ids, mask, key in out]
+  return [(records.encode_record(ids, mask, dtype=dtype), key, len(ids))
+          for ids, mask, key in out]
 
 
 def _bad(error: BadRecordError, skip_bad: bool, stats: dict) -> None:
@@ -119,7 +136,6 @@ def _run_unit(task: tuple[int, int, Unit, str, dict]) -> dict:
   writers = {s: ArrayRecordWriter(tmp[s], "group_size:1") for s in splits}
   stats: dict[str, Any] = {"skipped": 0, "empty": 0, "examples": []}
   counts = {s: [0, 0] for s in splits}  # documents, tokens
-  itemsize = np.dtype(records.token_dtype(tok.vocab_size)).itemsize + (opts["kind"] == "sft")
   try:
     batch, nbytes = [], 0
     reader = read_unit(unit, opts["field"], opts["text_docs"])
@@ -132,12 +148,12 @@ def _run_unit(task: tuple[int, int, Unit, str, dict]) -> dict:
       if len(batch) >= _BATCH or (line == 0 and batch):
         tokens = 0
         encoded = _encode_docs(tok, opts["kind"], batch, unit.path, opts["skip_bad"], stats)
-        for data, key in encoded:
+        for data, key, n in encoded:
           split = "eval" if _in_eval(key, opts["eval_fraction"]) else "train"
           writers[split].write(data)
           counts[split][0] += 1
-          counts[split][1] += len(data) // itemsize
-          tokens += len(data) // itemsize
+          counts[split][1] += n
+          tokens += n
         if progress is not None:
           progress.put((len(batch), tokens, nbytes))
         batch, nbytes = [], 0
@@ -248,15 +264,19 @@ def prepare(inputs: list[str], tokenizer: str, output: str, *, kind: str = "pret
                            text_docs=text_docs, eval_fraction=eval_fraction, workers=workers,
                            unit_mb=unit_mb, skip_bad=skip_bad, overwrite=overwrite,
                            progress=progress)
-  if kind not in ("pretrain", "sft"):
-    raise PrepareError(f"--kind={kind!r}: expected pretrain or sft")
+  if kind not in KINDS:
+    raise PrepareError(f"--kind={kind!r}: expected pretrain, sft or preference")
+  if kind == "preference" and text_field:
+    raise PrepareError(f"--text_field={text_field!r} does not apply to --kind=preference: its "
+                       "rows hold 'prompt' (or 'messages'), 'chosen' and 'rejected'")
   if text_docs not in ("paragraph", "line", "file"):
     raise PrepareError(f"--text_docs={text_docs!r}: expected paragraph, line or file")
   if not 0 <= eval_fraction < 1:
     raise PrepareError(f"--eval_fraction={eval_fraction}: expected 0 <= fraction < 1")
   files = _expand_inputs(inputs)
   tok = load_tokenizer(tokenizer)
-  opts = {"kind": kind, "field": text_field or ("messages" if kind == "sft" else "text"),
+  field = {"sft": "messages", "preference": ""}.get(kind, "text")  # "": the whole row
+  opts = {"kind": kind, "field": text_field or field,
           "text_docs": text_docs, "eval_fraction": eval_fraction, "skip_bad": skip_bad}
   plan, units = _plan(files, tok, opts, max(1, int(unit_mb * 2**20)))
   os.makedirs(os.path.join(output, PROGRESS_DIR), exist_ok=True)
@@ -371,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tokenizer", default="", help="SentencePiece .model ('' = demo tokenizer)")
   p.add_argument("--output", required=True,
                  help="output directory, local or gs:// (prepared locally, then uploaded)")
-  p.add_argument("--kind", default="pretrain", choices=("pretrain", "sft"))
+  p.add_argument("--kind", default="pretrain", choices=KINDS,
+                 help="pretrain: text; sft: chat messages; preference: prompt (or messages), "
+                 "chosen and rejected per row")
   p.add_argument("--text_field", default="",
                  help="JSONL/Parquet field (default: text; messages for --kind=sft)")
   p.add_argument("--text_docs", default="paragraph", choices=("paragraph", "line", "file"),

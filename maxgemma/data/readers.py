@@ -108,7 +108,8 @@ def _plan_parquet(path: str, unit_bytes: int) -> list[Unit]:
 
 def read_unit(unit: Unit, field: str, text_docs: str = "paragraph"
               ) -> Iterator[tuple[int, object, int]]:
-  """(line, value, bytes consumed) per document; a bad one yields a `BadRecordError` as value."""
+  """(line, value, bytes consumed) per document (value: the JSONL/Parquet `field`, or the whole
+  row as a dict when `field` is ""); a bad one yields a `BadRecordError` as value."""
   if unit.fmt == "parquet":
     yield from _read_parquet(unit, field)
     return
@@ -163,6 +164,8 @@ def _json_value(raw: bytes, path: str, line: int, field: str) -> object:
     return BadRecordError(path, line, f"malformed JSON ({e.msg} at column {e.colno})")
   if not isinstance(obj, dict):
     return BadRecordError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+  if not field:  # the whole row (preference pairs)
+    return obj
   if field not in obj:
     keys = ", ".join(sorted(obj)[:8]) or "none"
     return BadRecordError(path, line, f"no {field!r} field (keys: {keys}); pass --text_field=NAME")
@@ -175,12 +178,13 @@ def _read_parquet(unit: Unit, field: str) -> Iterator[tuple[int, object, int]]:
     pf = pq.ParquetFile(unit.path)
   except Exception as e:
     raise BadInputError(f"{unit.path}: not a readable Parquet file: {e}") from None
-  if field not in pf.schema_arrow.names:
+  if field and field not in pf.schema_arrow.names:
     raise BadInputError(f"{unit.path}: no column {field!r} (columns: "
                    f"{', '.join(pf.schema_arrow.names)}); pass --text_field=NAME")
   row = unit.first_line
   for group in range(unit.start, unit.stop):
-    values = pf.read_row_group(group, columns=[field]).column(field).to_pylist()
+    table = pf.read_row_group(group, columns=[field] if field else None)
+    values = table.column(field).to_pylist() if field else table.to_pylist()  # "": whole rows
     per_row = pf.metadata.row_group(group).total_byte_size // max(1, len(values))
     for value in values:
       bad = value is None

@@ -1,8 +1,9 @@
 """Prepared-dataset format: ArrayRecord shards of token records plus a `manifest.json`.
 
 A record is one document's token ids (bos ... eos) as little-endian `token_dtype`; SFT records
-append one uint8 loss-mask byte per token. The manifest, written last, is what marks a directory
-as complete.
+append one uint8 loss-mask byte per token. A preference record (`kind: preference`) is one pair:
+three little-endian uint32 lengths (prompt, chosen, rejected), then the three token arrays one
+after another. The manifest, written last, is what marks a directory as complete.
 """
 
 from __future__ import annotations
@@ -40,6 +41,25 @@ def decode_record(data: bytes, *, dtype: str, sft: bool) -> tuple[np.ndarray, np
   ids = np.frombuffer(data, dtype=dt, count=n).astype(np.int32)
   mask = np.frombuffer(data, dtype=np.uint8, offset=n * dt.itemsize) if sft else None
   return ids, mask
+
+
+def encode_preference(prompt, chosen, rejected, *, dtype: str) -> bytes:
+  """Bytes of one preference record: the three lengths, then the three token arrays."""
+  parts = [np.asarray(x, dtype=np.dtype(dtype).newbyteorder("<")) for x in
+           (prompt, chosen, rejected)]
+  header = np.asarray([len(x) for x in parts], dtype=np.dtype("<u4")).tobytes()
+  return header + b"".join(x.tobytes() for x in parts)
+
+
+def decode_preference(data: bytes, *, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(prompt, chosen, rejected) int32 token ids of a preference record."""
+  lengths = np.frombuffer(data, dtype=np.dtype("<u4"), count=3).tolist()
+  ids = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"), offset=12).astype(np.int32)
+  if sum(lengths) != len(ids):
+    raise ValueError(f"a preference record of {len(ids)} tokens says {lengths}: not a "
+                     "preference record (prepare the data with --kind=preference)")
+  a, b = lengths[0], lengths[0] + lengths[1]
+  return ids[:a], ids[a:b], ids[b:]
 
 
 def shard_name(split: str, index: int, count: int) -> str:

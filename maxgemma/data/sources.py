@@ -21,7 +21,7 @@ class Source:
   spec: str
   weight: float
   paths: tuple[str, ...]
-  kind: str  # pretrain | sft
+  kind: str  # pretrain | sft | preference
   token_dtype: str
   tokenizer_fingerprint: str
   manifests: tuple[str, ...]
@@ -142,6 +142,12 @@ def resolve_all(spec: str, split: str, *, setting: str, fingerprint: str | None,
           f"{setting}: {s.manifests[0]} was prepared with tokenizer fingerprint "
           f"{s.tokenizer_fingerprint}, but config.data.tokenizer has fingerprint {fingerprint}; "
           "set config.data.tokenizer to the tokenizer given to prepare (or re-prepare the data)")
-  if len({s.kind for s in sources}) > 1:
+  kinds = {s.kind for s in sources}
+  if "preference" in kinds and len(kinds) > 1:
+    pairs = next(s.spec for s in sources if s.kind == "preference")
+    other = next(s for s in sources if s.kind != "preference")
+    raise ValueError(f"{setting}: {pairs!r} holds preference pairs and {other.spec!r} "
+                     f"{other.kind} data: a run reads one kind (DPO trains on pairs only)")
+  if len(kinds) > 1:
     raise ValueError(f"{setting}: cannot mix pretraining and SFT sources in one run")
   return sources

@@ -4,8 +4,9 @@ Shape letters: B batch (one preference pair per row), L length, V vocab, P pairs
 
 A preference batch is a packed token batch whose every row holds one pair: segment 1 is the
 prompt followed by the chosen answer, segment 2 the same prompt followed by the rejected answer
-(segment 0 is padding), so one forward pass scores both sides. `loss_weights` are 1 on the answer
-targets only. Each side's score is the sum of its answer tokens' log-probabilities.
+(segment 0 is padding; `pack_pair`, from maxgemma/data/preference.py, builds one), so one forward
+pass scores both sides. `loss_weights` are 1 on the answer targets only. Each side's score is the
+sum of its answer tokens' log-probabilities.
 
 With s = beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))) the
 loss of a pair is `-(1 - eps) log sigmoid(s) - eps log sigmoid(-s)` (eps: label smoothing, the
@@ -19,14 +20,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from maxgemma.data.preference import CHOSEN, REJECTED, pack_pair  # noqa: F401 (re-exported)
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.trainer import state as state_lib
 from maxgemma.trainer.objective import Batch, LossSums, Objective
-
-CHOSEN, REJECTED = 1, 2  # the segment ids of the two sides of a row's pair
 
 
 def dpo_loss(policy_chosen_P: jax.Array, policy_rejected_P: jax.Array,
@@ -64,29 +63,6 @@ def pair_mask(batch: Batch) -> jax.Array:
   seg_BL = batch["segment_ids"]
   has = lambda side: jnp.sum(jnp.where(seg_BL == side, w_BL, 0.0), axis=-1) > 0  # noqa: E731
   return (has(CHOSEN) & has(REJECTED)).astype(jnp.float32)
-
-
-def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int], seq_len: int
-              ) -> dict[str, np.ndarray] | None:
-  """One preference row ([seq_len] arrays: segment 1 prompt + chosen, segment 2 prompt +
-  rejected, answer targets weighted 1), or None when the pair does not fit in `seq_len`."""
-  if not prompt or not chosen or not rejected:
-    raise ValueError("a preference pair needs a non-empty prompt, chosen and rejected answer")
-  row = {k: np.zeros(seq_len, np.int32) for k in ("tokens", "targets", "positions",
-                                                  "segment_ids")}
-  row["loss_weights"] = np.zeros(seq_len, np.float32)
-  start = 0
-  for segment, answer in ((CHOSEN, chosen), (REJECTED, rejected)):
-    seq = list(prompt) + list(answer)
-    n = len(seq) - 1
-    if start + n > seq_len:
-      return None
-    span = slice(start, start + n)
-    row["tokens"][span], row["targets"][span] = seq[:-1], seq[1:]
-    row["positions"][span], row["segment_ids"][span] = np.arange(n), segment
-    row["loss_weights"][start + len(prompt) - 1:start + n] = 1.0
-    start += n
-  return row
 
 
 class DPO(Objective):
