@@ -23,7 +23,6 @@ from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_con
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
 from maxgemma.model import flops
-from maxgemma.trainer import dpo
 from maxgemma.trainer.build import Setup, build
 from maxgemma.trainer.preemption import Preemption
 
@@ -33,55 +32,52 @@ class NonFiniteError(RuntimeError):
 
 
 def _restore_or_create(cfg, setup: Setup, ckpt: Checkpointer, data_iter, workdir: str) -> dict:
+  """The state to start from: a fresh one, the newest checkpoint's full state (params, optimizer
+  state, step, data position), or, when that checkpoint holds parameters only (imported weights,
+  `maxgemma.import_weights`), those parameters with a fresh optimizer state at step 0: the
+  schedule and the data stream start over, and later restarts resume from the run's own
+  checkpoints, which come after it."""
   latest = ckpt.latest_step()
   if latest is None:
     return setup.create_state(seed=cfg.train.seed)
   meta = ckpt.meta(latest)
   if meta.get("model"):
     check_same_architecture(model_config_from_dict(meta["model"]), setup.model_cfg, workdir)
-  data_args = None
-  if (ckpt.directory / str(latest) / data_ckpt.ITEM).exists():
-    # Any process count resumes the stream: positions are per loader shard. Checked first, so
-    # other data settings are refused before anything is restored.
-    data_ckpt.check_saved(data_iter, str(ckpt.directory / str(latest) / data_ckpt.ITEM))
-    data_args = data_ckpt.data_restore_args(data_iter)
+  where = ckpt.directory / str(latest)
   shardings = setup.shardings
-  restored = ckpt.restore(latest, setup.abstract_state, shardings, data_args=data_args)
-  if "opt_state" not in restored:  # imported weights: a fresh optimizer on the restored params
+  if "opt_state" not in ckpt.item_names(latest):  # imported weights
+    if meta["step"] != 0:
+      raise ValueError(f"{where} holds parameters only (imported weights) at step {meta['step']}: "
+                       "a run from imported weights starts its schedule at step 0 and checkpoints "
+                       "after it; import them with --step=0 (the default)")
+    restored = ckpt.restore(latest, setup.abstract_state, shardings)
     restored["opt_state"] = jax.jit(setup.tx.init, out_shardings=shardings["opt_state"])(
         restored["params"])
+    restored["step"] = jax.device_put(jax.numpy.zeros((), jax.numpy.int32), shardings["step"])
+    logging.info("fresh optimizer state and schedule from step 0, parameters from %s", where)
+    return restored
+  data_args = None
+  if (where / data_ckpt.ITEM).exists():
+    # Any process count resumes the stream: positions are per loader shard. Checked first, so
+    # other data settings are refused before anything is restored.
+    data_ckpt.check_saved(data_iter, str(where / data_ckpt.ITEM))
+    data_args = data_ckpt.data_restore_args(data_iter)
+  restored = ckpt.restore(latest, setup.abstract_state, shardings, data_args=data_args)
   restored["step"] = jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32),
                                     shardings["step"])
-  logging.info("resumed from %s at step %d", ckpt.directory / str(latest), meta["step"])
+  logging.info("resumed from %s at step %d", where, meta["step"])
   return restored
 
 
-def _check_data_kind(cfg, kinds: set[str], setting: str) -> None:
-  """Refuses, in one line, DPO on data that is not preference pairs and pairs without DPO."""
-  if dpo.enabled(cfg) and kinds != {"preference"}:
-    raise ValueError(f"config.dpo.enabled=True trains on preference pairs, but {setting} holds "
-                     f"{'/'.join(sorted(kinds))} data: prepare pairs with `python -m "
-                     "maxgemma.data.prepare --kind=preference` (docs/finetune.md)")
-  if not dpo.enabled(cfg) and "preference" in kinds:
-    raise ValueError(f"{setting} holds preference pairs, which only DPO trains on: set "
-                     "config.dpo.enabled=True (docs/finetune.md)")
-
-
-def _evaluate(cfg, eval_step, params, mesh, plan: feed.FeedPlan) -> dict[str, float]:
-  """`eval_loss` over `train.eval_steps` held-out batches (DPO: the DPO loss per pair, and
-  `eval_preference_accuracy`)."""
+def _evaluate(cfg, eval_step, params, mesh, plan: feed.FeedPlan) -> float:
   it = pipeline.make_eval_iterator(cfg.data, seq_len=cfg.train.seq_len,
                                    global_batch=cfg.train.global_batch, seed=cfg.train.seed,
                                    shards=plan.shards_of(jax.process_index()))
-  nll, weight, correct = 0.0, 0.0, 0.0
+  nll, weight = 0.0, 0.0
   for _ in range(cfg.train.eval_steps):
     out = eval_step(params, feed.global_batch(next(it), plan, mesh))
     nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
-    correct += float(out["correct"])
-  values = {"eval_loss": nll / max(weight, 1.0)}
-  if dpo.enabled(cfg):
-    values["eval_preference_accuracy"] = correct / max(weight, 1.0)
-  return values
+  return nll / max(weight, 1.0)
 
 
 def _start_trace(workdir: str) -> str:
@@ -107,10 +103,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   distributed.initialize(cfg.distributed)
   config_lib.check_keys(cfg)
-  _check_data_kind(cfg, pipeline.source_kinds(cfg.data), "config.data.sources")
-  if cfg.train.eval_every and cfg.data.eval_sources:  # else the eval split of the same sources
-    _check_data_kind(cfg, pipeline.source_kinds(cfg.data, eval_sources=True),
-                     "config.data.eval_sources")
+  if cfg.get("dpo", {}).get("enabled", False):
+    raise ValueError("config.dpo.enabled=True: maxgemma.train has no preference-data input yet "
+                     "(its batches would not be chosen/rejected pairs); build the DPO step with "
+                     "maxgemma.trainer.build on dpo.pack_pair batches (docs/finetune.md)")
   storage.check_bucket(workdir, "--workdir")
   with runlock.hold(workdir, stale_s=cfg.checkpoint.lock_stale_s):
     return _train(cfg, workdir)
@@ -177,7 +173,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           _stop_trace(trace_dir, workdir)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-          writer.write(done, _evaluate(cfg, eval_step, state["params"], mesh, plan))
+          writer.write(done, {"eval_loss": _evaluate(cfg, eval_step, state["params"], mesh, plan)})
         preempted = preemption.reached(done)
         if done % cfg.checkpoint.every == 0 or done == total or preempted:
           buffer.flush()  # never checkpoint past a step whose metrics were not checked
