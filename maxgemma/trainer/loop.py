@@ -23,6 +23,7 @@ from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_con
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
 from maxgemma.model import flops
+from maxgemma.trainer import dpo
 from maxgemma.trainer.build import Setup, build
 from maxgemma.trainer.preemption import Preemption
 
@@ -69,15 +70,32 @@ def _restore_or_create(cfg, setup: Setup, ckpt: Checkpointer, data_iter, workdir
   return restored
 
 
-def _evaluate(cfg, eval_step, params, mesh, plan: feed.FeedPlan) -> float:
+def _check_data_kind(cfg, kinds: set[str], setting: str) -> None:
+  """Refuses, in one line, DPO on data that is not preference pairs and pairs without DPO."""
+  if dpo.enabled(cfg) and kinds != {"preference"}:
+    raise ValueError(f"config.dpo.enabled=True trains on preference pairs, but {setting} holds "
+                     f"{'/'.join(sorted(kinds))} data: prepare pairs with `python -m "
+                     "maxgemma.data.prepare --kind=preference` (docs/finetune.md)")
+  if not dpo.enabled(cfg) and "preference" in kinds:
+    raise ValueError(f"{setting} holds preference pairs, which only DPO trains on: set "
+                     "config.dpo.enabled=True (docs/finetune.md)")
+
+
+def _evaluate(cfg, eval_step, params, mesh, plan: feed.FeedPlan) -> dict[str, float]:
+  """`eval_loss` over `train.eval_steps` held-out batches (DPO: the DPO loss per pair, and
+  `eval_preference_accuracy`)."""
   it = pipeline.make_eval_iterator(cfg.data, seq_len=cfg.train.seq_len,
                                    global_batch=cfg.train.global_batch, seed=cfg.train.seed,
                                    shards=plan.shards_of(jax.process_index()))
-  nll, weight = 0.0, 0.0
+  nll, weight, correct = 0.0, 0.0, 0.0
   for _ in range(cfg.train.eval_steps):
     out = eval_step(params, feed.global_batch(next(it), plan, mesh))
     nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
-  return nll / max(weight, 1.0)
+    correct += float(out["correct"])
+  values = {"eval_loss": nll / max(weight, 1.0)}
+  if dpo.enabled(cfg):
+    values["eval_preference_accuracy"] = correct / max(weight, 1.0)
+  return values
 
 
 def _start_trace(workdir: str) -> str:
@@ -103,10 +121,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   distributed.initialize(cfg.distributed)
   config_lib.check_keys(cfg)
-  if cfg.get("dpo", {}).get("enabled", False):
-    raise ValueError("config.dpo.enabled=True: maxgemma.train has no preference-data input yet "
-                     "(its batches would not be chosen/rejected pairs); build the DPO step with "
-                     "maxgemma.trainer.build on dpo.pack_pair batches (docs/finetune.md)")
+  _check_data_kind(cfg, pipeline.source_kinds(cfg.data), "config.data.sources")
+  if cfg.train.eval_every and cfg.data.eval_sources:  # else the eval split of the same sources
+    _check_data_kind(cfg, pipeline.source_kinds(cfg.data, eval_sources=True),
+                     "config.data.eval_sources")
   storage.check_bucket(workdir, "--workdir")
   with runlock.hold(workdir, stale_s=cfg.checkpoint.lock_stale_s):
     return _train(cfg, workdir)
@@ -173,7 +191,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           _stop_trace(trace_dir, workdir)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-          writer.write(done, {"eval_loss": _evaluate(cfg, eval_step, state["params"], mesh, plan)})
+          writer.write(done, _evaluate(cfg, eval_step, state["params"], mesh, plan))
         preempted = preemption.reached(done)
         if done % cfg.checkpoint.every == 0 or done == total or preempted:
           buffer.flush()  # never checkpoint past a step whose metrics were not checked
