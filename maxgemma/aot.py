@@ -27,7 +27,6 @@ from jax.sharding import Mesh
 from maxgemma import config as config_lib
 from maxgemma import feed, hardware, hlo, sharding
 from maxgemma.hardware import GiB
-from maxgemma.model import flops as flops_lib
 from maxgemma.trainer.build import build
 
 
@@ -132,7 +131,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
   }
   chips = mesh.devices.size
   tokens = B * L
-  model_flops = flops_lib.flops_per_token(model_cfg, L) * tokens
+  model_flops = setup.objective.flops_per_token(L) * tokens
   roofline_s = model_flops / (chips * chip.peak_flops)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

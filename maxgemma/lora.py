@@ -213,6 +213,9 @@ class LoRA(Objective):
   def _split(self, params: Any, frozen: Any) -> tuple[Any, Any]:
     return self.merged(params, frozen["base"]), {k: v for k, v in frozen.items() if k != "base"}
 
+  def flops_per_token(self, seq_len: int) -> float:
+    return self.inner.flops_per_token(seq_len)
+
   def batch_spec(self, global_batch: int, seq_len: int):
     return self.inner.batch_spec(global_batch, seq_len)
 

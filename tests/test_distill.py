@@ -22,6 +22,7 @@ from maxgemma.data import pipeline
 from maxgemma.trainer.build import build
 from maxgemma.trainer.loop import train
 from tests import test_parallelism
+from tests.test_train import _hand_counted_flops_per_token
 from tests.train_utils import PEAK, losses_by_step, tiny_config
 
 TEACHER_STEPS = 80
@@ -155,6 +156,14 @@ def test_resumed_distillation_equals_an_uninterrupted_run(tiny_teacher, tmp_path
   records = [json.loads(line) for line in open(os.path.join(resumed, "metrics.jsonl"))]
   assert all({"distill_loss", "kl", "agreement", "next_token_loss"} <= set(r) for r in records
              if "loss" in r)
+  # MFU counts the teacher's forward pass: a third of its hand-counted training FLOPs.
+  cfg = student_config(tiny_teacher, **overrides)
+  L, tokens = cfg.train.seq_len, cfg.train.global_batch * cfg.train.seq_len
+  student, teacher = checkpoint.load_params(resumed)[:2], checkpoint.load_params(tiny_teacher)[:2]
+  per_token = (_hand_counted_flops_per_token(*student, L)
+               + _hand_counted_flops_per_token(*teacher, L) / 3)
+  for r in (r for r in records if "loss" in r):
+    assert r["mfu"] == pytest.approx(per_token * tokens / (r["step_time"] * 8 * PEAK), rel=1e-9)
   a, b = checkpoint.load_params(straight)[0], checkpoint.load_params(resumed)[0]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)

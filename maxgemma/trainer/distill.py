@@ -30,6 +30,7 @@ import ml_collections
 
 from maxgemma import distill_loss, storage
 from maxgemma.data import tokenizer as tokenizer_lib
+from maxgemma.model import flops
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.trainer import state as state_lib
@@ -163,6 +164,10 @@ class OnlineDistill(Objective):
     distill_loss.distill_cross_entropy(  # refuses a bad temperature or alpha now, in one line
         jnp.zeros((1, 1, 1)), jnp.zeros((1, 1, 1)), jnp.zeros((1, 1), jnp.int32),
         temperature=self.temperature, alpha=self.alpha)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return super().flops_per_token(seq_len) + flops.flops_per_token(
+        self.teacher.model_cfg, seq_len, training=False)
 
   def frozen_abstract(self) -> Any:
     return {"teacher": state_lib.abstract_params(self.teacher.model_cfg)}

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from maxgemma import loss as loss_lib
+from maxgemma.model import flops
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.trainer import state as state_lib
@@ -76,6 +77,11 @@ class Objective(abc.ABC):
   def weight(self, batch: Batch) -> jax.Array:
     """The whole batch's normalising weight (known before the model runs; at least 1)."""
     return jnp.maximum(jnp.sum(batch["loss_weights"].astype(jnp.float32)), 1.0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Model FLOPs of one trained token (the MFU numerator): the trained model's forward and
+    backward, plus the forward of any frozen model the step runs."""
+    return flops.flops_per_token(self.model_cfg, seq_len)
 
   @abc.abstractmethod
   def loss_sums(self, params: Any, batch: Batch, frozen: Any) -> LossSums:
