@@ -91,7 +91,7 @@ def _evaluate(cfg, eval_step, params, mesh, plan: feed.FeedPlan) -> dict[str, fl
   for _ in range(cfg.train.eval_steps):
     out = eval_step(params, feed.global_batch(next(it), plan, mesh))
     nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
-    correct += float(out["correct"])
+    correct += float(out.get("correct", 0.0))  # DPO: pairs ranked right
   values = {"eval_loss": nll / max(weight, 1.0)}
   if dpo.enabled(cfg):
     values["eval_preference_accuracy"] = correct / max(weight, 1.0)
