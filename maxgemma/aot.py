@@ -16,6 +16,7 @@ Exits non-zero with one line when the step does not fit in HBM. The chip figures
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -63,8 +64,8 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
 
 def slices_of(mesh_cfg: ml_collections.ConfigDict) -> int:
   """How many slices `mesh.dcn_*` asks for (1 when one of them is -1)."""
-  dcn = [int(mesh_cfg[f"dcn_{a}"]) for a in sharding.MESH_AXES]
-  return 1 if -1 in dcn else max(1, dcn[0] * dcn[1] * dcn[2])
+  dcn = [int(mesh_cfg.get(f"dcn_{a}", 1)) for a in sharding.MESH_AXES]
+  return 1 if -1 in dcn else max(1, math.prod(dcn))
 
 
 def topology_mesh(mesh_cfg: ml_collections.ConfigDict, topology: str, num_slices: int) -> Mesh:

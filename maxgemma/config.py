@@ -40,10 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = _model_section()
 
   # Mesh axes: ICI inside a pod/slice, DCN across slices. -1 means "all remaining devices".
+  # `sequence` splits activations along their length (docs/parallelism.md).
   c.mesh = ml_collections.ConfigDict(dict(
-      ici_data=-1, ici_fsdp=1, ici_tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
+      ici_data=-1, ici_fsdp=1, ici_sequence=1, ici_tensor=1,
+      dcn_data=1, dcn_fsdp=1, dcn_sequence=1, dcn_tensor=1,
       shard_params=True,  # ZeRO-3: parameters (not only optimizer state) sharded over fsdp
       shard_residuals=True,  # the residual stream between blocks split along length over tensor
+      # (and sequence, which splits every length)
       host_block="",  # CPU processes only: "FxT" lays each process's devices as an F x T block of
       # the fsdp x tensor grid, as a TPU host's chips sit in the torus (launch.local rehearsals)
   ))

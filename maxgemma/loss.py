@@ -76,11 +76,13 @@ def chunked_cross_entropy(hidden_BLD: Array, embedding_VD: Array, targets_BL: Ar
                           ) -> tuple[Array, Array, dict[str, Array]]:
   """`cross_entropy(hidden @ embedding.T [soft-capped], ...)` without the [B, L, V] logits.
 
-  The sequence is cut into chunks of `chunk_size` positions (the batch axis stays whole, so its
-  sharding is kept; L is zero-padded up to a multiple, with weight 0) and a `lax.scan` computes
-  one chunk's [B, chunk_size, V] float32 logits at a time. The chunk body is under `jax.checkpoint`,
-  so the backward pass recomputes each chunk's logits instead of saving them: peak memory holds
-  O(B * chunk_size * V) logits instead of O(B * L * V).
+  The sequence is cut into C chunks of `chunk_size` positions (L is zero-padded up to a multiple,
+  with weight 0) and a `lax.scan` computes one chunk's [B, chunk_size, V] float32 logits at a
+  time. Chunk c holds the strided positions c, c + C, c + 2C, ...: the batch axis and the major
+  part of the length stay where they were, so a batch or sequence sharding of the hidden states
+  is kept by every chunk (contiguous chunks would put a length sharding on the scanned axis).
+  The chunk body is under `jax.checkpoint`, so the backward pass recomputes each chunk's logits
+  instead of saving them: peak memory holds O(B * chunk_size * V) logits instead of O(B * L * V).
 
   The matmul runs in `dtype` with float32 accumulation (the model's activation dtype: same logits
   as `Transformer.logits`). Pass the embedding in its parameter dtype (float32): it is cast inside
@@ -99,9 +101,9 @@ def chunked_cross_entropy(hidden_BLD: Array, embedding_VD: Array, targets_BL: Ar
     hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
     targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
-  hidden_CBSD = hidden_BLD.reshape(B, C, S, D).swapaxes(0, 1)
-  targets_CBS = targets_BL.reshape(B, C, S).swapaxes(0, 1)
-  weights_CBS = weights_BL.reshape(B, C, S).swapaxes(0, 1)
+  hidden_CBSD = hidden_BLD.reshape(B, S, C, D).transpose(2, 0, 1, 3)
+  targets_CBS = targets_BL.reshape(B, S, C).transpose(2, 0, 1)
+  weights_CBS = weights_BL.reshape(B, S, C).transpose(2, 0, 1)
 
   @jax.checkpoint
   def chunk(totals, xs):

@@ -1,7 +1,8 @@
 """The device mesh and the one table that maps the model's logical axes onto it.
 
 Mesh axes: `data` (replicated data parallelism), `fsdp` (data parallelism with parameters and
-optimizer state sharded, ZeRO-3) and `tensor` (model parallelism). Each axis is DCN x ICI: the DCN
+optimizer state sharded, ZeRO-3), `sequence` (activations split along their length; attention
+gathers keys and values) and `tensor` (model parallelism). Each axis is DCN x ICI: the DCN
 factor (across slices/pods) is the outer, slow part; the ICI factor (inside a slice) the inner part.
 With this layout XLA reduces gradients hierarchically: a reduce-scatter inside the slice, then the
 smaller cross-slice reduction of the shard.
@@ -21,7 +22,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axes. Parameters use the first block, activations (`act_*`) the second.
@@ -35,8 +36,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_residual_length", None),
+    ("act_length", "sequence"),
+    ("act_residual_length", "sequence"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
@@ -45,8 +46,9 @@ RULES: tuple[tuple[str, Any], ...] = (
 # Megatron-style sequence parallelism of the residual stream (`mesh.shard_residuals`): between the
 # attention and feed-forward matmuls the residual is split along its length over `tensor`, so what
 # the backward pass saves is not copied on every chip of a tensor group. These rows replace
-# RULES' rows of the same name.
-SHARDED_RESIDUAL_RULES: tuple[tuple[str, Any], ...] = (("act_residual_length", "tensor"),)
+# RULES' rows of the same name (the length is split over `sequence` first, as everywhere).
+SHARDED_RESIDUAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_residual_length", ("sequence", "tensor")),)
 # Leaves with at least this many elements must not end up fully replicated on a sharded mesh.
 LARGE_LEAF = 1 << 20
 
@@ -55,7 +57,8 @@ def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool
               ) -> tuple[tuple[str, Any], ...]:
   """The rules table for `mesh_cfg`: with `shard_params=False` parameters are replicated over
   `fsdp` (ZeRO-1/2: only the optimizer state is sharded); with `shard_residuals` the residual
-  stream's length is split over `tensor` (SHARDED_RESIDUAL_RULES). `None`: RULES as they are."""
+  stream's length is split over `sequence` x `tensor` (SHARDED_RESIDUAL_RULES). `None`: RULES as
+  they are (sampling: a mesh without a `sequence` axis > 1 leaves every length whole)."""
   rules = RULES
   if mesh_cfg is None:
     return rules
@@ -77,14 +80,15 @@ def rules_scope(mesh: Mesh, mesh_cfg: ml_collections.ConfigDict | None = None) -
 def resolve_axes(mesh_cfg: ml_collections.ConfigDict, num_devices: int, num_slices: int = 1
                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(ici_shape, dcn_shape) over MESH_AXES with -1 resolved; clear errors when they do not fit."""
-  ici = [int(mesh_cfg[f"ici_{a}"]) for a in MESH_AXES]
-  dcn = [int(mesh_cfg[f"dcn_{a}"]) for a in MESH_AXES]
+  ici = [int(mesh_cfg.get(f"ici_{a}", 1)) for a in MESH_AXES]
+  dcn = [int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES]
   if math.prod(dcn) != num_slices and -1 not in dcn:
     if num_slices == 1 and math.prod(dcn) > 1:
       num_slices = math.prod(dcn)  # fake slices on CPU: the DCN axes split the devices
     else:
       raise ValueError(f"mesh.dcn_* multiply to {math.prod(dcn)} but there are {num_slices} "
-                       f"slices; set mesh.dcn_data/dcn_fsdp/dcn_tensor to multiply to {num_slices}")
+                       f"slices; set mesh.{'/'.join('dcn_' + a for a in MESH_AXES)} to multiply "
+                       f"to {num_slices}")
   dcn = _fill(dcn, num_slices, "dcn")
   if num_devices % num_slices:
     raise ValueError(f"{num_devices} devices do not split into {num_slices} equal slices")
@@ -110,7 +114,7 @@ def _fill(sizes: list[int], total: int, kind: str) -> list[int]:
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  """The (data, fsdp, tensor) mesh, each axis DCN-major then ICI, over `devices` (default all)."""
+  """The MESH_AXES mesh, each axis DCN-major then ICI, over `devices` (default all)."""
   devices = list(jax.devices() if devices is None else devices)
   slices = {getattr(d, "slice_index", 0) for d in devices}
   ici, dcn = resolve_axes(mesh_cfg, len(devices), len(slices))
@@ -134,7 +138,9 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None
     per_slice = np.array(devices, dtype=object).reshape(math.prod(dcn), -1)
     ici_grids = [_lay_hosts(list(row), ici, block) for row in per_slice]
     grid = np.stack(ici_grids).reshape(*dcn, *ici)
-    grid = grid.transpose(0, 3, 1, 4, 2, 5).reshape([d * i for d, i in zip(dcn, ici, strict=True)])
+    n = len(MESH_AXES)  # (dcn_0, .., dcn_n-1, ici_0, .., ici_n-1) -> (dcn_0, ici_0, dcn_1, ...)
+    grid = grid.transpose([k for a in range(n) for k in (a, n + a)])
+    grid = grid.reshape([d * i for d, i in zip(dcn, ici, strict=True)])
   return Mesh(grid, MESH_AXES)
 
 
@@ -149,26 +155,31 @@ def _host_block(mesh_cfg: ml_collections.ConfigDict, ici: Sequence[int], devices
   except ValueError:
     raise ValueError(f"mesh.host_block={spec!r} is not FxT (e.g. 2x2)") from None
   local = sum(1 for d in devices if d.process_index == devices[0].process_index)
-  if f * t != local or ici[1] % f or ici[2] % t:
+  fsdp, tensor = ici[MESH_AXES.index("fsdp")], ici[MESH_AXES.index("tensor")]
+  if f * t != local or fsdp % f or tensor % t:
     raise ValueError(f"mesh.host_block={spec}: a {f}x{t} block must hold one process's {local} "
-                     f"devices and tile the ICI fsdp x tensor grid {ici[1]}x{ici[2]}; choose F, T "
+                     f"devices and tile the ICI fsdp x tensor grid {fsdp}x{tensor}; choose F, T "
                      "with F*T = devices per process dividing mesh.ici_fsdp and mesh.ici_tensor")
   return f, t
 
 
 def _lay_hosts(devices: list[Any], ici: Sequence[int], block: tuple[int, int] | None
                ) -> np.ndarray:
-  """One slice's ICI grid (data, fsdp, tensor): devices in order, or with `block`, each process's
-  devices an F x T block of the fsdp x tensor plane, as a v5e host's 2 x 2 chips in the torus."""
+  """One slice's ICI grid over MESH_AXES: devices in order, or with `block`, each process's
+  devices an F x T block of the fsdp x tensor plane (one per data and sequence index), as a v5e
+  host's 2 x 2 chips in the torus."""
   if block is None:
     return np.array(devices, dtype=object).reshape(ici)
   f, t = block
-  grid = np.empty(ici, dtype=object)
+  data, fsdp, seq, tensor = (ici[MESH_AXES.index(a)]
+                             for a in ("data", "fsdp", "sequence", "tensor"))
+  grid = np.empty((data, fsdp, seq, tensor), dtype=object)
   hosts = iter(np.array(devices, dtype=object).reshape(-1, f, t))
-  for d in range(ici[0]):
-    for i in range(0, ici[1], f):
-      for j in range(0, ici[2], t):
-        grid[d, i:i + f, j:j + t] = next(hosts)
+  for d in range(data):
+    for i in range(0, fsdp, f):
+      for s in range(seq):
+        for j in range(0, tensor, t):
+          grid[d, i:i + f, s, j:j + t] = next(hosts)
   return grid
 
 
@@ -201,8 +212,20 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, An
       logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
 
 
+def check_sequence(seq_len: int, mesh: Mesh) -> None:
+  """One line naming `train.seq_len` and the mesh keys when the `sequence` axis does not divide
+  the length."""
+  P, L = mesh.shape.get("sequence", 1), int(seq_len)
+  if L % P:
+    raise ValueError(f"train.seq_len ({L}) must be divisible by the sequence axis {P} "
+                     f"(mesh.ici_sequence x mesh.dcn_sequence); try train.seq_len="
+                     f"{P * max(1, L // P)} or a sequence axis dividing {L}")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[batch, length] inputs: batch over the data-parallel axes."""
+  """[batch, length] inputs: batch over the data-parallel axes, each row whole on every device
+  of a `sequence` group (the model's first length constraint slices it; so a process feeds whole
+  rows, as for a `tensor` group)."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 

@@ -48,7 +48,8 @@ def shard_bytes(x):
 
 def test_memory_analysis_is_present_and_sane(two_slices):
   r = two_slices
-  assert (r["chips"], r["num_slices"], r["mesh"]) == (8, 2, {"data": 2, "fsdp": 4, "tensor": 1})
+  assert (r["chips"], r["num_slices"], r["mesh"]) == (8, 2, {"data": 2, "fsdp": 4, "sequence": 1,
+                                                  "tensor": 1})
   m = r["memory"]
   state = r["state"]
   state_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(state))
@@ -118,7 +119,8 @@ def test_cli_reports_memory_and_flops(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   assert "peak" in p.stdout and "of 15.75 GiB usable HBM" in p.stdout, p.stdout
   report = json.loads(out.read_text())
-  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and report["num_slices"] == 1
+  assert report["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
+  assert report["num_slices"] == 1
   assert 0 < report["memory"]["peak_bytes"] < report["memory"]["usable_hbm_bytes"]
   assert "libtpu" not in p.stderr and "TPU_ACCELERATOR_TYPE" not in p.stderr, p.stderr[-2000:]
 
@@ -184,7 +186,8 @@ def test_gemma2_pod_configs_match_the_report_layouts(name, preset, chips, data, 
   assert f"--topology={module.TOPOLOGY}" in module.__doc__  # the documented compile
   mesh = aot.topology_mesh(c.mesh, module.TOPOLOGY, 1)  # libtpu's devices of the real slice
   assert mesh.devices.size == chips  # one device per chip: v4 megacore, not one per TensorCore
-  assert dict(mesh.shape) == {"data": replicas, "fsdp": data // replicas, "tensor": model}
+  assert dict(mesh.shape) == {"data": replicas, "fsdp": data // replicas, "sequence": 1,
+                             "tensor": model}
   m = model_config(c)  # validates (seq 8192 within the model's context)
   assert m.d_model % (data // replicas) == 0  # ZeRO-3 shards every [.., d_model, ..] parameter
   # Each tensor group is a box of `model` neighbouring chips of the torus (traffic stays local),

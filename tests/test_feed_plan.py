@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import gemma_2b_v5e_2pods, gemma_7b_v5e_1pod, gemma_7b_v5e_16pods
+from configs import gemma3_1b_v5e_512, gemma_2b_v5e_2pods, gemma_7b_v5e_1pod, gemma_7b_v5e_16pods
 from maxgemma import feed, sharding
 from maxgemma.data import pipeline
 
@@ -33,14 +33,14 @@ def expected_rows(mesh, global_batch: int) -> dict[int, set[int]]:
   dp = mesh.shape["data"] * mesh.shape["fsdp"]
   per = global_batch // dp
   out: dict[int, set[int]] = {}
-  for (d, f, _t), device in np.ndenumerate(mesh.devices):
+  for (d, f, _s, _t), device in np.ndenumerate(mesh.devices):
     block = d * mesh.shape["fsdp"] + f
     out.setdefault(device.process_index, set()).update(range(block * per, (block + 1) * per))
   return out
 
 
 @pytest.mark.parametrize("module,slices", [(gemma_7b_v5e_1pod, 1), (gemma_2b_v5e_2pods, 2),
-                                           (gemma_7b_v5e_16pods, 2)])
+                                           (gemma_7b_v5e_16pods, 2), (gemma3_1b_v5e_512, 2)])
 def test_pod_feed_plan_loads_exactly_the_rows_each_host_holds(module, slices):
   cfg = module.get_config()
   devices = topology("v5e:16x16", slices)
@@ -61,7 +61,8 @@ def test_pod_feed_plan_loads_exactly_the_rows_each_host_holds(module, slices):
   assert sorted(plan.owner) == list(range(plan.loader_shards))
   assert all(plan.owner[j] == min(p for p, s in plan.shards.items() if j in s)
              for j in plan.owner)
-  if mesh.shape["tensor"] > 1:  # a tensor group spans hosts: they share rows
+  if mesh.shape["tensor"] * mesh.shape["sequence"] > 1:  # such a group spans hosts: they
+    # share rows (a `sequence` group feeds whole rows; the model slices them along the length)
     assert min(plan.hosts_per_row().values()) > 1
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "maxgemma"
 # The mesh axes of maxgemma/sharding.py's MESH_AXES, spelled out so this test stays jax-free;
 # test_mesh_axes_listed_here_are_the_meshs checks the two agree.
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 
 def _modules() -> dict[str, Path]:

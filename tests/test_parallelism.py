@@ -77,6 +77,10 @@ LAYOUTS = {  # pure data parallelism (data 8) is the gradient-accumulation test'
     "fsdp8": dict(ici_fsdp=8),
     "dcn2_x_data2_tensor2": dict(dcn_data=2, ici_data=2, ici_tensor=2),
     "fsdp4_tensor2_params_replicated": dict(ici_fsdp=4, ici_tensor=2, shard_params=False),
+    # Sequence parallelism: activations split along the length (tiny_gemma2: sliding windows of
+    # 8 and global layers, soft-caps, two packed documents per row), keys and values gathered.
+    "sequence2_fsdp2_tensor2": dict(ici_sequence=2, ici_fsdp=2, ici_tensor=2),
+    "sequence4_data2": dict(ici_sequence=4, ici_data=2),
 }
 
 
@@ -117,6 +121,21 @@ def test_mesh_errors_are_clear():
   cfg = make_config(ici_data=-1, ici_tensor=-1)
   with pytest.raises(ValueError, match="at most one mesh.ici_\\* axis may be -1"):
     sharding.make_mesh(cfg.mesh, jax.devices())
+
+
+def test_sequence_axis_must_divide_the_length():
+  cfg = make_config(ici_sequence=8)
+  cfg.train.seq_len = 36
+  with pytest.raises(ValueError, match=r"train.seq_len \(36\) must be divisible by the sequence "
+                                       r"axis 8 \(mesh.ici_sequence x mesh.dcn_sequence\)"):
+    build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+  # Splash: the query tiles tile one shard's 64 queries, not the whole 256.
+  cfg = make_config(ici_sequence=4, ici_data=2)
+  cfg.train.seq_len = 256
+  config_lib.use_splash(cfg.model, 128)
+  with pytest.raises(ValueError, match="model.splash_block_q=128 does not divide one sequence "
+                                       "shard's 64 queries"):
+    build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
 
 
 def test_two_real_processes_give_the_same_loss(reference, tmp_path):

@@ -53,15 +53,17 @@ def test_same_loss_as_one_device(reference, layout, shard):
 def test_rules_switch_only_the_residual_length():
   on = dict(sharding.rules_for(make_config(shard_residuals=True).mesh))
   off = dict(sharding.rules_for(make_config(shard_residuals=False).mesh))
-  assert on["act_residual_length"] == "tensor" and off["act_residual_length"] is None
+  # The length is split over `sequence` everywhere; the rule adds `tensor` for the residual.
+  assert on["act_residual_length"] == ("sequence", "tensor")
+  assert off["act_residual_length"] == "sequence" and off["act_length"] == "sequence"
   assert {k: v for k, v in on.items() if k != "act_residual_length"} == \
          {k: v for k, v in off.items() if k != "act_residual_length"}
-  # Sampling (no mesh config) keeps the residual whole: one new token per step has no length.
-  assert dict(sharding.rules_for(None))["act_residual_length"] is None
+  # Sampling (no mesh config): the plain rules; its meshes have no `sequence` axis > 1.
+  assert dict(sharding.rules_for(None))["act_residual_length"] == "sequence"
 
 
-def _cpu_saved_shapes(shard: bool) -> set[tuple[int, ...]]:
-  cfg = make_config(ici_data=2, ici_tensor=4, shard_residuals=shard)
+def _cpu_saved_shapes(shard: bool, **mesh) -> set[tuple[int, ...]]:
+  cfg = make_config(**(mesh or dict(ici_data=2, ici_tensor=4)), shard_residuals=shard)
   setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
   with setup.scope():
     lowered = setup.train_step.lower(*setup.abstract_args(cfg.train.global_batch,
@@ -73,6 +75,9 @@ def test_cpu_program_saves_sharded_residuals():
   # tiny_gemma2: 4 layers, d_model 96; batch 16 over data 2, length 32 over tensor 4.
   assert _cpu_saved_shapes(True) == {(4, 8, 8, 96)}
   assert _cpu_saved_shapes(False) == {(4, 8, 32, 96)}
+  # Sequence parallelism (sequence 4 x data 2): the length is split 4 ways with or without the
+  # rule (it adds `tensor`, 1 here).
+  assert _cpu_saved_shapes(False, ici_data=2, ici_sequence=4) == {(4, 8, 8, 96)}
 
 
 def _tpu_config(shard: bool):

@@ -146,6 +146,6 @@ def test_two_processes_sample_the_single_device_text(tmp_path):
        *args, "--tensor=2"],
       env=env, capture_output=True, text=True, timeout=500, cwd=os.getcwd())
   assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 2} (2 process(es)" in two.stdout
+  assert "mesh {'data': 2, 'fsdp': 1, 'sequence': 1, 'tensor': 2} (2 process(es)" in two.stdout
   assert len(_texts(one.stdout)) == 3
   assert _texts(two.stdout) == _texts(one.stdout)

@@ -16,7 +16,11 @@ runs). Unrolled layers pass a static window and need no switch. Whatever a kerne
 back to the reference (`attention_reference.self_attention`) with the reason logged once.
 
 The splash `shard_map` specs come from the logical axes of the activations (`act_batch`,
-`act_heads`) under the logical-axis rules in scope, so this module names no mesh axis.
+`act_length`, `act_heads`) under the logical-axis rules in scope, so this module names no mesh
+axis. When the rules split `act_length` (sequence parallelism), each shard keeps its queries and
+gets the whole length of keys, values and key segment ids (all-gathered by the partitioner at the
+`shard_map` boundary); the kernel is built for the whole [L, L] mask with `q_seq_shards` and its
+mask tables are passed in split along the query blocks, so each shard computes only its rows.
 
 Shape letters: B batch, L query length, S key length, N query heads, K key/value heads, H head dim.
 """
@@ -125,19 +129,34 @@ _BLOCK_NAMES = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block
                 "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
 
 
-def splash_block_sizes(length: int, blocks: Sequence[int | bool] = ()) -> dict[str, int | bool]:
+_Q_BLOCKS = ("block_q", "block_q_dkv", "block_q_dq")  # tiles of the query length
+
+
+def splash_block_sizes(length: int, blocks: Sequence[int | bool] = (), q_shards: int = 1
+                       ) -> dict[str, int | bool]:
   """`BlockSizes` fields for `length` from `blocks` (the 8 tiles then the fused-backward flag):
-  a tile 0 (or missing) is `splash_block(length)`, a compute tile 0 its block; with the fused
-  backward the dq tiles are None. Raises ValueError naming the model key of a tile that does not
-  divide the length."""
+  a tile 0 (or missing) is `splash_block` of the length it tiles, a compute tile 0 its block;
+  with the fused backward the dq tiles are None. The query tiles tile one shard's queries,
+  `length / q_shards` (sequence parallelism), the key tiles the whole length. Raises ValueError
+  naming the model key of a tile that does not divide its length."""
   blocks = tuple(blocks) + (0,) * (len(_BLOCK_NAMES) + 1 - len(blocks))
   fused = bool(blocks[-1])
-  default = splash_block(length)
+  q_length = length // q_shards
   sizes: dict[str, int | bool | None] = {}
   for name, value in zip(_BLOCK_NAMES, blocks[:-1], strict=True):
-    if value and length % value:
-      raise ValueError(f"model.splash_{name}={value} does not divide the sequence length "
-                       f"{length}; use a divisor of it or 0 (default)")
+    tiled = q_length if name in _Q_BLOCKS else length
+    if value and tiled % value:
+      where = (f"the sequence length {length}" if tiled == length else
+               f"one sequence shard's {tiled} queries (train.seq_len {length} / {q_shards}, "
+               f"mesh.ici_sequence x mesh.dcn_sequence)")
+      raise ValueError(f"model.splash_{name}={value} does not divide {where}; use a divisor "
+                       f"of it or 0 (default)")
+    default = splash_block(tiled)
+    if not value and default is None:
+      raise ValueError(f"no splash tile of 512, 256 or 128 divides one sequence shard's {tiled} "
+                       f"queries (train.seq_len {length} / {q_shards}, mesh.ici_sequence x "
+                       f"mesh.dcn_sequence); use a train.seq_len that is a multiple of "
+                       f"{128 * q_shards}")
     sizes[name] = int(value) or default
   for compute, block in (("block_kv_compute", "block_kv"),
                          ("block_kv_dkv_compute", "block_kv_dkv")):
@@ -153,8 +172,9 @@ def splash_block_sizes(length: int, blocks: Sequence[int | bool] = ()) -> dict[s
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(num_heads: int, length: int, window: int, softcap: float | None,
-                   interpret: bool, blocks: tuple[int | bool, ...] = ()):
-  """The cached splash kernel; its mask arrays are built concrete (never tracers of the trace
+                   interpret: bool, blocks: tuple[int | bool, ...] = (), q_shards: int = 1):
+  """The cached splash kernel for an [L, L] mask whose queries are split in `q_shards` (1: one
+  shard holds them all); its mask arrays are built concrete (never tracers of the trace
   that first asked for it), so a later trace may reuse it. It is built on a fresh thread: no
   trace and no mesh in context there, so the arrays land on the host's default device even
   while an AOT compile for a TPU topology (whose devices cannot run anything) is being traced."""
@@ -165,25 +185,32 @@ def _splash_kernel(num_heads: int, length: int, window: int, softcap: float | No
     head_mask = sa.CausalMask(shape)
   else:  # causal and `q - k < window`: (window - 1) keys to the left, none to the right
     head_mask = sa.LocalMask(shape, window_size=(window - 1, 0), offset=0)
-  block_sizes = sa.BlockSizes(**splash_block_sizes(length, blocks))
+  block_sizes = sa.BlockSizes(**splash_block_sizes(length, blocks, q_shards))
   make = functools.partial(sa.make_splash_mha, sa.MultiHeadMask([head_mask] * num_heads),
-                           block_sizes=block_sizes, head_shards=1, q_seq_shards=1,
+                           block_sizes=block_sizes, head_shards=1, q_seq_shards=q_shards,
                            attn_logits_soft_cap=softcap, interpret=interpret)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     return pool.submit(make).result()
 
 
-def _splash_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, window: int, softcap, interpret, blocks=()):
-  """The kernel on one device's shard: vmapped over the batch, heads-major layout inside."""
+def _splash_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, seg_BS=None, kernel=None, *, window: int,
+                  softcap, interpret, blocks=()):
+  """The kernel on one device's shard: vmapped over the batch, heads-major layout inside.
+
+  `kernel` None: built here for this shard's heads and length (queries and keys alike); else the
+  sequence-parallel kernel's shard, with the queries' segment ids `seg_BL` and the keys' `seg_BS`.
+  """
   from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
 
   N, L = q_BLNH.shape[2], q_BLNH.shape[1]
-  kernel = _splash_kernel(N, L, window, softcap, interpret, blocks)
+  if kernel is None:
+    kernel = _splash_kernel(N, L, window, softcap, interpret, blocks)
+    seg_BS = seg_BL
   q_BNLH = jnp.swapaxes(q_BLNH, 1, 2)
   k_BKSH = jnp.swapaxes(k_BSKH, 1, 2)
   v_BKSH = jnp.swapaxes(v_BSKH, 1, 2)
-  out_BNLH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(s, s)))(
-      q_BNLH, k_BKSH, v_BKSH, seg_BL)
+  out_BNLH = jax.vmap(lambda q, k, v, sq, sk: kernel(q, k, v, segment_ids=SegmentIds(sq, sk)))(
+      q_BNLH, k_BKSH, v_BKSH, seg_BL, seg_BS)
   return jnp.swapaxes(out_BNLH, 1, 2)
 
 
@@ -206,16 +233,29 @@ def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
   if mesh.empty or mesh.size == 1:
     return local(q_BLNH, k_BSKH, v_BSKH, seg_BL)
   # A Pallas call is not partitioned by XLA: run it per shard, over the mesh axes the rules in
-  # scope give the activations' batch and heads (key/value heads repeated up to N when they do
-  # not split over the heads' axes).
-  qkv_spec = shard_spec(("act_batch", None, "act_heads", None), q_BLNH.shape, mesh)
-  heads = qkv_spec[2]
+  # scope give the activations' batch, length and heads (key/value heads repeated up to N when
+  # they do not split over the heads' axes).
+  q_spec = shard_spec(("act_batch", "act_length", "act_heads", None), q_BLNH.shape, mesh)
+  batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
+  kv_spec = PartitionSpec(batch, None, heads, None)  # keys and values: the whole length
   if heads is not None and K % _axes_size(heads, mesh):
     k_BSKH = jnp.repeat(k_BSKH, N // K, axis=2)
     v_BSKH = jnp.repeat(v_BSKH, N // K, axis=2)
-  seg_spec = PartitionSpec(qkv_spec[0], None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec),
-                       out_specs=qkv_spec, check_vma=False)(q_BLNH, k_BSKH, v_BSKH, seg_BL)
+  seg_spec = PartitionSpec(batch, None)
+  if length is None:
+    return jax.shard_map(local, mesh=mesh, in_specs=(kv_spec, kv_spec, kv_spec, seg_spec),
+                         out_specs=kv_spec, check_vma=False)(q_BLNH, k_BSKH, v_BSKH, seg_BL)
+  # Sequence parallelism: each shard's queries against all keys. The kernel covers the whole
+  # [L, L] mask for this shard's heads; its mask tables are split along the query blocks.
+  shards = _axes_size(length, mesh)
+  heads_here = N // (_axes_size(heads, mesh) if heads is not None else 1)
+  kernel = _splash_kernel(heads_here, L, window, softcap, interpret, blocks, shards)
+  kernel_spec = kernel.manual_sharding_spec(
+      jax.sharding.NamedSharding(mesh, PartitionSpec(None, length)))
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, length),
+                                  seg_spec, kernel_spec),
+      out_specs=q_spec, check_vma=False)(q_BLNH, k_BSKH, v_BSKH, seg_BL, seg_BL, kernel)
 
 
 def _axes_size(axes: str | tuple[str, ...], mesh) -> int:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maxgemma import config as config_lib
 from maxgemma import lora, optim, sharding
+from maxgemma.model import attention_kernels
 from maxgemma.model.config import ModelConfig
 from maxgemma.trainer import distill, dpo
 from maxgemma.trainer import objective as objective_lib
@@ -86,6 +87,11 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
   """The trainer's setup for `cfg` on `mesh`; `objective` defaults to the one `cfg` names."""
   config_lib.check_keys(cfg)
   model_cfg = config_lib.model_config(cfg)
+  sharding.check_sequence(cfg.train.seq_len, mesh)
+  if model_cfg.attention_impl == "splash" and mesh.shape.get("sequence", 1) > 1:
+    # The query tiles tile one sequence shard's queries (raises naming the model.splash_* key).
+    attention_kernels.splash_block_sizes(int(cfg.train.seq_len), model_cfg.splash_block_sizes(),
+                                         mesh.shape["sequence"])
   if objective is None:
     chosen = distill.from_config if distill.enabled(cfg) else objective_lib.from_config
     chosen = dpo.from_config if dpo.enabled(cfg) else chosen
