@@ -165,6 +165,16 @@ def setup_models(s: Session) -> None:
              "--dtype=q8_0", f"--out={s.fs / 'models' / 'gemma-2b.Q4_K_M.gguf'}")
 
 
+def setup_tiny_hf(s: Session) -> None:
+  """`/models/tiny-gemma2-hf`: a Hugging Face directory of a tiny Gemma 2 with random weights
+  (vocabulary 2048, the packaged tokenizer), written by maxgemma.export as tests/test_sft.py
+  makes one."""
+  run_python(s, "-c", (
+      "from tests.convert_utils import make_workdir; from maxgemma.export import export; "
+      f"w, _, _ = make_workdir({str(s.root / 'tiny-hf')!r}, 'tiny_gemma2'); "
+      f"export(w, 'hf', {str(s.fs / 'models' / 'tiny-gemma2-hf')!r})"))
+
+
 def setup_gcs(s: Session) -> None:
   """A local Cloud Storage server (tests/gcs_utils.py) holding `gs://my-bucket` with what
   docs/storage.md's (skipped) `gcloud storage` commands put there: a prepared dataset at
@@ -185,6 +195,7 @@ SETUPS: dict[str, Callable[[Session], None]] = {
     "chats": setup_chats,
     "demo-run": setup_demo_run,
     "models": setup_models,
+    "tiny-hf": setup_tiny_hf,
     "gcs": setup_gcs,
 }
 
