@@ -266,15 +266,16 @@ def test_cudnn_flash_equals_reference(case):
 @pytest.mark.slow
 def test_splash_and_offload_compile_for_tpu():
   """The train step with splash attention (Gemma 2 local/global windows via the switch, soft-caps,
-  heads split over `tensor`) and host-offloaded remat compiles for a v5e slice through
-  `maxgemma.aot`'s AOT path: the Mosaic kernels and the host-memory buffers are in the HLO."""
+  heads split over `tensor`) and per-name remat (saved and host-offloaded tags) compiles for a
+  v5e slice through `maxgemma.aot`'s AOT path: the Mosaic kernels and the host-memory buffers
+  are in the HLO."""
   from maxgemma import aot
   from maxgemma.config import base_config
 
   c = base_config()
   c.model.preset = "tiny_gemma2"
   c.model.update(head_dim=128, sliding_window=128, max_seq_len=512, attention_impl="splash",
-                 remat_policy="offload_names")
+                 remat_policy="names", remat_names="qkv_proj:save,attn_out:offload,mlp_out:offload")
   c.train.update(global_batch=8, seq_len=256)
   c.mesh.update(ici_data=1, ici_fsdp=2, ici_tensor=2)
   report = aot.compile_train_step(c, "v5e:2x2", 1, keep_compiled=True)

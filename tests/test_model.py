@@ -141,9 +141,10 @@ def test_scanned_equals_unrolled_with_gradients(policy):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
 
-def _remat_case(policy):
-  """(loss fn, scanned params) of tiny_gemma2 in float32 on two packed rows, under `policy`."""
-  cfg = get_preset("tiny_gemma2", dtype="float32", remat_policy=policy)
+def _remat_case(policy, names=""):
+  """(loss fn, scanned params) of tiny_gemma2 in float32 on two packed rows, under `policy`
+  (and `remat_names` for the "names" policy)."""
+  cfg = get_preset("tiny_gemma2", dtype="float32", remat_policy=policy, remat_names=names)
   params = stack_layers(random_params(cfg, seed=3))
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 16)))
   segments = jnp.asarray(np.repeat([[1] * 10 + [2] * 6], 2, 0))  # 10 > window 8
@@ -170,12 +171,18 @@ def no_remat():
   return value, grads, _saved_residuals(loss, params)
 
 
-@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
-def test_remat_policy_equals_none(policy, no_remat):
+# Every policy; "names" with every action on some tag (the rest recomputed).
+REMAT_CASES = [(p, "") for p in REMAT_POLICIES if p not in ("none", "names")] + [
+    ("names", "qkv_proj:save,attn_out:offload,mlp_out:offload"),
+    ("names", "attn_context:offload,mlp_out:save,qkv_proj:recompute")]
+
+
+@pytest.mark.parametrize("policy,names", REMAT_CASES)
+def test_remat_policy_equals_none(policy, names, no_remat):
   """Each remat policy gives the loss and gradients of no remat, and really is a different
   program: its backward pass keeps fewer forward values than `none` does."""
   want_loss, want_grads, none_saved = no_remat
-  loss, params = _remat_case(policy)
+  loss, params = _remat_case(policy, names)
   saved = _saved_residuals(loss, params)
   assert saved < none_saved, f"remat_policy={policy} saves {saved} residuals, none {none_saved}"
   got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(params)
@@ -184,6 +191,24 @@ def test_remat_policy_equals_none(policy, no_remat):
   for (path, g), w in zip(flat_got, jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * np.abs(w).max(),
                                err_msg=f"{policy}: d loss / d {jax.tree_util.keystr(path)}")
+
+
+def test_remat_names_keeps_what_it_names_and_refuses_bad_entries():
+  """The "names" policy keeps (saves or offloads) the tags it names and recomputes the rest;
+  that offloaded tags land in host memory is checked by the TPU compile in
+  test_attention_kernels.py. A bad entry is one line naming the key."""
+  def saved(names):
+    return _saved_residuals(*_remat_case("names", names))
+
+  recomputed = saved("")
+  assert saved("attn_out:save,mlp_out:save") > recomputed
+  assert saved("attn_out:offload,mlp_out:offload") > recomputed
+  for bad in ("attn_out:keep", "q:save"):
+    with pytest.raises(ValueError, match=f"model.remat_names: '{bad}' is not name:action"):
+      get_preset("tiny_gemma2", remat_policy="names", remat_names=bad)
+  with pytest.raises(ValueError, match="model.remat_names='mlp_out:save' is read by "
+                     "model.remat_policy=names only"):
+    get_preset("tiny_gemma2", remat_policy="full", remat_names="mlp_out:save")
 
 
 def test_stack_unstack_round_trip_and_init_tree():

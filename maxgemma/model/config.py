@@ -14,7 +14,11 @@ from maxgemma.model.attention_reference import GLOBAL_WINDOW
 LayerType = Literal["global", "local"]
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_proj",
-                  "save_names", "offload_names")
+                  "save_names", "offload_names", "names")
+# The `checkpoint_name` tags of a block (q/k/v after RoPE, the attention context, the attention
+# and feed-forward outputs) and what `remat_policy="names"` may do with each (`remat_names`).
+REMAT_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_out")
+REMAT_ACTIONS = ("recompute", "save", "offload")
 ATTENTION_IMPLS = ("xla", "dot_product", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("gemma1", "gemma2", "gemma3")
@@ -55,6 +59,7 @@ class ModelConfig:
   dtype: str = "bfloat16"  # compute dtype
   scan_layers: bool = True
   remat_policy: str = "full"
+  remat_names: str = ""  # remat_policy "names": "name:action,..." (REMAT_NAMES, REMAT_ACTIONS)
   attention_impl: str = "xla"
   # Feed-forward and logits matmuls on [B*L, D] instead of [B, L, D]: plain 2-D matmuls, faster
   # on XLA:CPU; off for TPU pods, where some layouts need more HBM (docs/performance.md).
@@ -96,6 +101,27 @@ class ModelConfig:
     return tuple(getattr(self, f"splash_{name}") for name in SPLASH_BLOCKS) + (
         self.splash_fused_bwd,)
 
+  def offloads(self) -> bool:
+    """Whether the remat policy moves saved activations to host memory."""
+    return self.remat_policy == "offload_names" or "offload" in self.remat_actions().values()
+
+  def remat_actions(self) -> dict[str, str]:
+    """{name: action} of every REMAT_NAMES tag under remat_policy "names" (unnamed tags are
+    recomputed); {} for the other policies."""
+    if self.remat_policy != "names":
+      if self.remat_names:
+        raise ValueError(f"model.remat_names={self.remat_names!r} is read by "
+                         "model.remat_policy=names only; set that policy or clear remat_names")
+      return {}
+    actions = dict.fromkeys(REMAT_NAMES, "recompute")
+    for item in filter(None, (p.strip() for p in self.remat_names.split(","))):
+      name, _, action = item.partition(":")
+      if name not in REMAT_NAMES or action not in REMAT_ACTIONS:
+        raise ValueError(f"model.remat_names: {item!r} is not name:action with a name of "
+                         f"{', '.join(REMAT_NAMES)} and an action of {', '.join(REMAT_ACTIONS)}")
+      actions[name] = action
+    return actions
+
   def replace(self, **changes) -> ModelConfig:
     """A copy with fields changed; unknown names get an error listing the valid ones."""
     names = {f.name for f in dataclasses.fields(self)}
@@ -116,6 +142,7 @@ class ModelConfig:
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     _check_choice("dtype", self.dtype, DTYPES)
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    self.remat_actions()  # refuses a bad model.remat_names
     _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(

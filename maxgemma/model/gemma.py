@@ -17,7 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 from maxgemma.model import kv_cache
 from maxgemma.model.attention import Attention
 from maxgemma.model.attention_reference import attention_mask
-from maxgemma.model.config import ModelConfig
+from maxgemma.model.config import REMAT_NAMES, ModelConfig
 from maxgemma.model.layers import Embedder, FeedForward, RMSNorm
 
 Array = jax.Array
@@ -25,7 +25,6 @@ Array = jax.Array
 # The residual stream between the attention and feed-forward matmuls has its own length name, so
 # the rules may split it along the sequence (sequence parallelism) while the matmuls see it whole.
 RESIDUAL_AXES = ("act_batch", "act_residual_length", "act_embed")
-SAVED_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_out")
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
@@ -33,9 +32,9 @@ _REMAT_POLICIES = {
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
     # The `checkpoint_name` tags of the block: q/k/v after RoPE, the attention context and the
     # attention and feed-forward outputs; the rest (norms, GeGLU hidden) is recomputed.
-    "save_names": jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES),
+    "save_names": jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES),
     "offload_names": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=list(SAVED_NAMES),
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(REMAT_NAMES),
         offload_src="device", offload_dst="pinned_host"),
 }
 
@@ -100,10 +99,20 @@ def layer_constants(cfg: ModelConfig) -> dict[str, np.ndarray]:
   }
 
 
-def _remat(block_cls, policy: str, scanned: bool):
-  if policy == "none":
+def _names_policy(actions: dict[str, str]):
+  """The checkpoint policy that saves, offloads to pinned host memory, or recomputes each tag."""
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[n for n, a in actions.items() if a == "save"],
+      names_which_can_be_offloaded=[n for n, a in actions.items() if a == "offload"],
+      offload_src="device", offload_dst="pinned_host")
+
+
+def _remat(block_cls, cfg: ModelConfig):
+  if cfg.remat_policy == "none":
     return block_cls
-  return nn.remat(block_cls, policy=_REMAT_POLICIES[policy], prevent_cse=not scanned)
+  policy = _names_policy(cfg.remat_actions()) if cfg.remat_policy == "names" \
+      else _REMAT_POLICIES[cfg.remat_policy]
+  return nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
 
 
 class Transformer(nn.Module):
@@ -116,7 +125,7 @@ class Transformer(nn.Module):
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.embedder = Embedder(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=pdtype,
                              flatten=cfg.flatten_matmuls)
-    block = _remat(Block, cfg.remat_policy, cfg.scan_layers)
+    block = _remat(Block, cfg)
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -82,6 +82,22 @@ class Setup:
             attach(self.frozen_abstract, self.frozen_shardings))
 
 
+def _check_host_memory(model_cfg: ModelConfig, mesh: Mesh) -> None:
+  """Refuses a remat policy that offloads to host memory on devices that have none."""
+  if not model_cfg.offloads():
+    return
+  device = mesh.devices.flat[0]
+  try:
+    kinds = {m.kind for m in device.addressable_memories()}
+  except Exception:  # noqa: BLE001 (devices of a described TPU topology list no memories)
+    return
+  if "pinned_host" not in kinds:
+    raise ValueError(f"config.model.remat_policy={model_cfg.remat_policy} offloads activations "
+                     f"to pinned host memory, which {device.platform} devices do not have "
+                     f"(memories: {', '.join(sorted(kinds))}); save or recompute them instead "
+                     "(remat_policy save_names, or remat_names without :offload)")
+
+
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
           objective: objective_lib.Objective | None = None) -> Setup:
   """The trainer's setup for `cfg` on `mesh`; `objective` defaults to the one `cfg` names."""
@@ -98,6 +114,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
     objective = chosen(cfg, model_cfg)
     if lora.enabled(cfg):
       objective = lora.wrap(cfg, objective)
+  _check_host_memory(model_cfg, mesh)
   total = int(cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, total)
   schedule = optim.learning_rate_schedule(cfg.optim, total)

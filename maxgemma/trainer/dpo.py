@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from maxgemma.data.preference import CHOSEN, REJECTED, pack_pair  # noqa: F401 (re-exported)
+from maxgemma.model import flops
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
 from maxgemma.trainer import state as state_lib
@@ -90,6 +91,10 @@ class DPO(Objective):
 
   def weight(self, batch: Batch) -> jax.Array:
     return jnp.maximum(jnp.sum(pair_mask(batch)), 1.0)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return super().flops_per_token(seq_len) + flops.flops_per_token(
+        self.reference_cfg, seq_len, training=False)
 
   def frozen_abstract(self) -> Any:
     return {"reference": state_lib.abstract_params(self.reference_cfg)}

@@ -22,7 +22,6 @@ from maxgemma import distributed, feed, metrics, runlock, sharding, storage
 from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
-from maxgemma.model import flops
 from maxgemma.trainer import dpo
 from maxgemma.trainer.build import Setup, build
 from maxgemma.trainer.preemption import Preemption
@@ -153,7 +152,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   frozen = setup.load_frozen()
   eval_step = lambda params, batch: setup.eval_step(params, batch, frozen)  # noqa: E731
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
-  flops_per_step = flops.flops_per_token(model_cfg, cfg.train.seq_len) * tokens_per_step
+  flops_per_step = setup.objective.flops_per_token(cfg.train.seq_len) * tokens_per_step
   peak = metrics.peak_flops_per_device(cfg.metrics.peak_flops_per_device)
   writer = metrics.MetricsWriter(workdir, tensorboard=cfg.metrics.tensorboard)
   profile = tuple(int(s) for s in cfg.train.profile_steps.split(":")) \
