@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import sft_tiny
 from maxgemma import checkpoint, feed, sample, sharding
 from maxgemma.data import pipeline
 from maxgemma.data.prepare import prepare
@@ -29,7 +30,7 @@ from maxgemma.model.gemma import Transformer
 from maxgemma.trainer.build import build
 from maxgemma.trainer.loop import train
 from tests.convert_utils import make_workdir
-from tests.train_utils import losses_by_step, tiny_config
+from tests.train_utils import PEAK, losses_by_step, tiny_config
 
 START_OF_TURN, END_OF_TURN = 106, 107  # the packaged tokenizer's chat control pieces
 HELD_OUT = 8  # digit triples kept out of the training chats
@@ -70,8 +71,13 @@ def chats(tmp_path_factory, triples) -> str:
 
 
 def sft_config(chats: str, **overrides):
-  return tiny_config(**{"data.sources": chats, "train.global_batch": 16, "train.seq_len": 64,
-                        **overrides})
+  """configs/sft_tiny.py on `chats` with dotted overrides."""
+  cfg = sft_tiny.get_config()
+  for key, value in {"data.sources": chats, "data.prefetch": 0,
+                     "metrics.peak_flops_per_device": PEAK, **overrides}.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  return cfg
 
 
 def copy_of(workdir: str, tmp_path, name: str) -> str:
@@ -148,8 +154,8 @@ def test_loss_counts_model_turns_only(imported, chats):
 
 @pytest.mark.slow
 def test_fine_tuned_model_answers_held_out_prompts(imported, chats, triples, tmp_path):
-  """After 60 steps on the chats, greedy sampling reverses every held-out triple; the imported
-  random model reverses none."""
+  """After configs/sft_tiny.py's 60 steps on the chats, greedy sampling reverses every held-out
+  triple; the imported random model reverses none."""
   workdir = copy_of(imported, tmp_path, "run")
   tok = load_tokenizer("")
   held = triples[:HELD_OUT]
@@ -164,10 +170,9 @@ def test_fine_tuned_model_answers_held_out_prompts(imported, chats, triples, tmp
     return [tok.decode(row) for row in gen.tokens]
 
   assert sum(a == reverse(t) for a, t in zip(answers(0), held, strict=True)) == 0
-  cfg = sft_config(chats, **{"train.steps": 60, "checkpoint.every": 60,
-                             "optim.warmup_steps": 10, "metrics.log_every": 20})
+  cfg = sft_config(chats)
   train(cfg, workdir)
-  got = answers(60)
+  got = answers(cfg.train.steps)
   print(dict(zip(held, got, strict=True)))
   assert got == [reverse(t) for t in held]
 
