@@ -44,6 +44,10 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "Gemma 2 9B, v4 8x16x32: data 2 x fsdp 512 x tensor 4"),
     "g2_27b_v5p": ("configs/gemma2_27b_v5p_8x24x32.py", ("--topology=v5p:8x24x32",),
                    "Gemma 2 27B, v5p 8x24x32: fsdp 768 x tensor 8"),
+    "sft_7b_v5e8": ("configs/sft_gemma_7b_v5e.py", ("--topology=v5e:2x4",),
+                    "7B full SFT, v5e-8: fsdp 8, bfloat16 Adam moments"),
+    "lora_sft_7b_v5e8": ("configs/sft_lora_gemma_7b_v5e8.py", ("--topology=v5e:2x4",),
+                         "7B LoRA SFT (rank 16, all seven projections), v5e-8: fsdp 4 x tensor 2"),
 }
 
 
