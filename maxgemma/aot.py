@@ -136,7 +136,13 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
   roofline_s = model_flops / (chips * chip.peak_flops)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  sends = hlo.dcn_allreduce_sends(compiled.as_text())
+  hlo_text = compiled.as_text()
+  sends = hlo.dcn_allreduce_sends(hlo_text)
+  ici_bytes = sum(c["sent_bytes"] for c in hlo.ici_collectives(hlo_text))
+  dcn_bytes = hlo.sends_bytes(sends)
+  bounds = {"compute": roofline_s,
+            "ici": ici_bytes / chip.ici_bytes_per_s if chip.ici_bytes_per_s else 0.0,
+            "dcn": dcn_bytes / chip.dcn_bytes_per_s if chip.dcn_bytes_per_s else 0.0}
   report = {
       "preset": cfg.model.preset,
       "topology": topology,
@@ -171,7 +177,14 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
                "loader_shards": feed_plan.loader_shards,
                "summary": feed_plan.describe(max_hosts=4)},
       "dcn_allreduce_sends": len(sends),
-      "dcn_allreduce_bytes_per_chip": hlo.sends_bytes(sends),
+      "dcn_allreduce_bytes_per_chip": dcn_bytes,
+      # Collective traffic inside the slice, and the step-time bounds it gives at the chip's
+      # published bandwidths: `overlapped` (the slowest of compute, ICI and DCN) and `serial`
+      # (their sum).
+      "ici_bytes_per_chip": ici_bytes,
+      "step_bounds_s": {**bounds, "overlapped": max(bounds.values()),
+                        "serial": sum(bounds.values())},
+      "tokens_per_s_per_chip_bound": tokens / max(bounds.values()) / chips,
       # Each transfer: what one chip sends and the instruction that produced it.
       "dcn_transfers": [
           {"send": f"{s['dtype']}{list(s['shape'])}", "per_step": s["per_step"],
@@ -223,6 +236,11 @@ def format_report(r: dict[str, Any]) -> str:
   if r["num_slices"] > 1:
     lines.append(f"  cross-slice (DCN) reduction: {r['dcn_allreduce_sends']} transfers, "
                  f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.1f} MiB sent per chip per step")
+  b = r["step_bounds_s"]
+  lines.append(f"  collectives inside the slice (ICI): {r['ici_bytes_per_chip'] / 2**30:.2f} GiB "
+               f"sent per chip per step; step bounds: compute {b['compute']:.2f} s, ICI "
+               f"{b['ici']:.2f} s, DCN {b['dcn']:.2f} s -> {b['overlapped']:.2f} s overlapped, "
+               f"{b['serial']:.2f} s serial")
   return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 `parse_hlo` reads the text `compiled.as_text()` gives (one `%name = type opcode(operands), attrs`
 per line, grouped into computations); `dcn_allreduce_sends` finds the cross-slice reduction
-transfers of a multi-slice TPU program and how many times a step runs each.
+transfers of a multi-slice TPU program and how many times a step runs each; `ici_collectives`
+the collectives inside a slice and the bytes each chip sends for them.
 """
 
 from __future__ import annotations
@@ -162,3 +163,78 @@ _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s
 def sends_bytes(sends: list[dict[str, Any]]) -> int:
   """The bytes one chip sends per step over all of `sends` (`dcn_allreduce_sends` entries)."""
   return sum(s["elements"] * s["per_step"] * _DTYPE_BYTES.get(s["dtype"], 4) for s in sends)
+
+
+def _arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  """Every (dtype, dims) array of an HLO type (a tuple lists several)."""
+  return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+          for m in re.finditer(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]", type_text)
+          if m.group(1) in _DTYPE_BYTES]
+
+
+def _nbytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
+  return sum(math.prod(dims) * _DTYPE_BYTES[dtype] for dtype, dims in arrays)
+
+
+def group_size(attrs: str) -> int:
+  """Devices per replica group of a collective: explicit `{{0,1,..},..}`, iota `[G,n]<=[..]`,
+  or `mesh['axis_0'=a,..] {'axis_0',..}` (the product of the named axes); 1 when not found."""
+  m = re.search(r"replica_groups=\{\{([0-9,]*)\}", attrs)
+  if m:
+    return len([x for x in m.group(1).split(",") if x])
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", attrs)
+  if m:
+    sizes = {k: int(v) for k, v in re.findall(r"'([\w]+)'=(\d+)", m.group(1))}
+    return math.prod(sizes.get(a, 1) for a in re.findall(r"'([\w]+)'", m.group(2)))
+  return 1
+
+
+# Collective -> the kind whose ring traffic it moves (fusions are named by what they call).
+_COLLECTIVES = {"all-gather": "all-gather", "all-gather-start": "all-gather",
+                "all-reduce": "all-reduce", "all-reduce-start": "all-reduce",
+                "reduce-scatter": "reduce-scatter", "all-to-all": "all-to-all",
+                "collective-permute": "collective-permute",
+                "collective-permute-start": "collective-permute"}
+
+
+def _collective_kind(ins: Instr) -> str:
+  if ins.opcode in _COLLECTIVES:
+    return _COLLECTIVES[ins.opcode]
+  if ins.opcode == "fusion":
+    m = re.search(r"calls=%([a-z\-]+)", ins.attrs)
+    name = m.group(1).rstrip("-.") if m else ""
+    for prefix in ("all-reduce-scatter", "reduce-scatter", "all-gather", "all-reduce"):
+      if name.startswith(prefix):
+        return "reduce-scatter" if prefix.endswith("reduce-scatter") else prefix
+  return ""
+
+
+def ici_collectives(hlo_text: str) -> list[dict[str, Any]]:
+  """The collectives of one chip's program (the cross-slice sends excluded) with the bytes a chip
+  sends for each per step, as ring algorithms move them over a group of n chips: all-gather
+  (n - 1)/n of its result, reduce-scatter (n - 1) x its result (the shard), all-reduce
+  2 (n - 1)/n, all-to-all (n - 1)/n, collective-permute its whole buffer; a collective inside a
+  loop counts once per iteration (`loop_multipliers`)."""
+  instrs = parse_hlo(hlo_text)
+  loops = loop_multipliers(instrs)
+  out = []
+  for ins in instrs.values():
+    kind = _collective_kind(ins)
+    if not kind:
+      continue
+    arrays = _arrays(ins.type)
+    if ins.opcode.endswith("-start"):  # (operands..., results..., scalar context): the results
+      arrays = [a for a in arrays if a[1]]
+      arrays = arrays[len(arrays) // 2:] if len(arrays) > 1 else arrays
+    nbytes, n = _nbytes(arrays), group_size(ins.attrs)
+    factor = {"all-gather": (n - 1) / n, "reduce-scatter": n - 1, "all-reduce": 2 * (n - 1) / n,
+              "all-to-all": (n - 1) / n, "collective-permute": 1.0}[kind]
+    if kind != "collective-permute" and n <= 1:
+      continue
+    per_step = loops.get(ins.computation, 1)
+    out.append({"name": ins.name, "kind": kind, "group": n, "bytes": nbytes,
+                "per_step": per_step, "sent_bytes": int(nbytes * factor) * per_step})
+  return out

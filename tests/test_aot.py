@@ -94,6 +94,22 @@ def test_cross_slice_reduction_is_hierarchical(two_slices):
   assert fed, [(s["shape"], s["source"].opcode, s["source"].array) for s in sends]
 
 
+
+def test_slice_collectives_and_step_bounds(two_slices):
+  """ZeRO-3 over 4 chips: each chip must at least reduce-scatter its float32 gradients inside the
+  slice (3/4 of 4 bytes per parameter sent) and gather the parameters it computes with; the
+  step bounds are those bytes at the chip's bandwidths."""
+  r = two_slices
+  params = sum(x.size for x in jax.tree.leaves(r["state"]["params"]))
+  ici = r["ici_bytes_per_chip"]
+  assert ici == sum(c["sent_bytes"] for c in hlo.ici_collectives(r["compiled"].as_text()))
+  assert 3 * params <= ici <= 24 * params, (ici, params)
+  b = r["step_bounds_s"]
+  assert b["ici"] == pytest.approx(ici / 200e9) and b["compute"] == r["roofline_step_s"]
+  assert b["dcn"] == pytest.approx(r["dcn_allreduce_bytes_per_chip"] / (6.4e12 / 8 / 256))
+  assert b["overlapped"] == max(b["compute"], b["ici"], b["dcn"])
+  assert b["serial"] == pytest.approx(b["compute"] + b["ici"] + b["dcn"])
+
 def test_peak_over_usable_hbm_is_refused(two_slices):
   report = {k: v for k, v in two_slices.items() if k not in ("compiled", "state")}
   aot.check_fits(report)  # fits as compiled

@@ -48,3 +48,39 @@ def test_hlo_parser_reads_sends_their_producers_and_loop_counts():
   known = 'body=%body, backend_config={"known_trip_count":{"n":"7"}}'
   with_known = HLO.replace("body=%body", known)
   assert max(s["per_step"] for s in hlo.dcn_allreduce_sends(with_known)) == 7
+
+
+COLLECTIVES = """
+%body (p.1: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p.1 = (s32[]{:T(128)}, f32[4]{0}) parameter(0)
+  %ar = bf16[64,32]{1,0} all-reduce(%p.1), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, use_global_device_ids=true, to_apply=%add
+  ROOT %tuple = (s32[]{:T(128)}, f32[4]{0}) tuple(%p.1, %p.1)
+}
+
+%cond (p.0: (s32[], f32[4])) -> pred[] {
+  %p.0 = (s32[]{:T(128)}, f32[4]{0}) parameter(0)
+  ROOT %lt = pred[]{:T(512)} compare(%p.0, %p.0), direction=LT
+}
+
+ENTRY %main (param.1: f32[512,64]) -> f32[512,16] {
+  %ag = f32[512,64]{1,0} all-gather(%param.1), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %rs = f32[128,16]{0,1:T(8,128)} fusion(%ag), kind=kCustom, calls=%all-reduce-scatter.3, replica_groups=[2,4]<=[8]
+  %a2a = bf16[8,16]{1,0} all-to-all(%rs), channel_id=3, replica_groups=[4,2]<=[8], dimensions={0}
+  %cp = (bf16[2,1024]{1,0}, bf16[2,1024]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%a2a), channel_id=4, source_target_pairs={{0,1},{1,0}}
+  %tuple.0 = (s32[]{:T(128)}, f32[4]{0}) tuple(%param.1, %param.1)
+  %while.1 = (s32[]{:T(128)}, f32[4]{0}) while(%tuple.0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"6"}}
+}
+"""  # noqa: E501
+
+
+def test_slice_collectives_are_counted_as_ring_traffic_per_chip():
+  got = {c["name"]: c for c in hlo.ici_collectives(COLLECTIVES)}
+  assert sorted(got) == ["a2a", "ag", "ar", "cp", "rs"]
+  assert {n: c["group"] for n, c in got.items()} == {"ag": 4, "rs": 4, "a2a": 2, "ar": 4, "cp": 1}
+  assert got["ag"]["sent_bytes"] == 512 * 64 * 4 * 3 // 4  # receives the other 3/4 of its result
+  assert got["rs"]["kind"] == "reduce-scatter"
+  assert got["rs"]["sent_bytes"] == 128 * 16 * 4 * 3  # its shard of 4: 3 shards' worth out
+  assert got["a2a"]["sent_bytes"] == 8 * 16 * 2 // 2
+  assert got["cp"]["sent_bytes"] == 2 * 1024 * 2  # one buffer, not the start's whole tuple
+  # Twice (n-1)/n of the buffer per run, 6 runs of the loop body.
+  assert (got["ar"]["per_step"], got["ar"]["sent_bytes"]) == (6, 64 * 32 * 2 * 2 * 3 // 4 * 6)
