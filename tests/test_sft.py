@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import shutil
 
 import jax
@@ -33,18 +32,10 @@ from tests.convert_utils import make_workdir
 from tests.train_utils import PEAK, losses_by_step, tiny_config
 
 START_OF_TURN, END_OF_TURN = 106, 107  # the packaged tokenizer's chat control pieces
-HELD_OUT = 8  # digit triples kept out of the training chats
 
 
 def reverse(text: str) -> str:
   return text[::-1]
-
-
-@pytest.fixture(scope="module")
-def triples() -> list[str]:
-  rng = random.Random(0)
-  found = {tuple(rng.randrange(10) for _ in range(3)) for _ in range(400)}
-  return [" ".join(map(str, t)) for t in sorted(found, key=lambda t: rng.random())]
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +49,15 @@ def imported(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def chats(tmp_path_factory, triples) -> str:
-  """The prepared SFT set: one user turn (three digits) and the model's reversed answer each."""
+def chats(tmp_path_factory) -> str:
+  """configs/sft_tiny.py's chats, prepared: the user says three digits, the model reverses them."""
   root = tmp_path_factory.mktemp("chats")
+  rows = sft_tiny.chats()
+  assert not {r["messages"][0]["content"] for r in rows} & set(sft_tiny.HELD_OUT)
+  assert all(r["messages"][1]["content"] == reverse(r["messages"][0]["content"]) for r in rows)
   with open(root / "chats.jsonl", "w") as f:
-    for t in triples[HELD_OUT:]:
-      f.write(json.dumps({"messages": [{"role": "user", "content": t},
-                                       {"role": "assistant", "content": reverse(t)}]}) + "\n")
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
   prepare([str(root / "chats.jsonl")], "", str(root / "sft"), kind="sft", workers=1,
           progress=False)
   return str(root / "sft")
@@ -153,12 +146,12 @@ def test_loss_counts_model_turns_only(imported, chats):
 
 
 @pytest.mark.slow
-def test_fine_tuned_model_answers_held_out_prompts(imported, chats, triples, tmp_path):
+def test_fine_tuned_model_answers_held_out_prompts(imported, chats, tmp_path):
   """After configs/sft_tiny.py's 60 steps on the chats, greedy sampling reverses every held-out
   triple; the imported random model reverses none."""
   workdir = copy_of(imported, tmp_path, "run")
   tok = load_tokenizer("")
-  held = triples[:HELD_OUT]
+  held = sft_tiny.HELD_OUT
   prompts = [tok.encode(tok.chat_template([{"role": "user", "content": t}],
                                           add_generation_prompt=True), add_bos=True)
              for t in held]
@@ -174,7 +167,7 @@ def test_fine_tuned_model_answers_held_out_prompts(imported, chats, triples, tmp
   train(cfg, workdir)
   got = answers(cfg.train.steps)
   print(dict(zip(held, got, strict=True)))
-  assert got == [reverse(t) for t in held]
+  assert got == [reverse(t) for t in held]  # all 8
 
 
 @pytest.mark.slow
