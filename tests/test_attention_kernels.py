@@ -202,6 +202,31 @@ def test_splash_sequence_parallel_equals_reference(window):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.slow
+def test_sequence_parallel_splash_compiles_for_tpu():
+  """Gemma 3 (sliding-window and global layers) with splash on v5e:2x2 as sequence 2 x fsdp 2:
+  the Mosaic kernels are in the program, run on 256 of the 512 queries per chip, and the keys
+  and values of the whole length are all-gathered over the sequence pairs."""
+  from maxgemma import aot
+  from maxgemma.config import base_config, use_splash
+
+  c = base_config()
+  c.model.preset = "tiny_gemma3"
+  c.model.update(head_dim=128, sliding_window=128, max_seq_len=512)
+  use_splash(c.model, 128)
+  c.train.update(global_batch=4, seq_len=512)
+  c.mesh.update(ici_data=1, ici_fsdp=2, ici_sequence=2)
+  report = aot.compile_train_step(c, "v5e:2x2", 1, keep_compiled=True)
+  hlo = report["compiled"].as_text()
+  assert report["mesh"]["sequence"] == 2 and report["fits"]
+  # Forward kernels output [rows 4 / fsdp 2, heads 4, queries 512 / sequence 2, head_dim 128].
+  forward = [ln for ln in hlo.splitlines() if "splash_mha_fwd" in ln and "custom-call(" in ln]
+  assert forward and all("bf16[2,4,256,128]" in ln.split("custom-call(")[0] for ln in forward)
+  # Keys (or values) [2 rows, all 512 positions, 2 kv heads, 128] gathered over `sequence`.
+  gathered = [ln for ln in hlo.splitlines() if "= bf16[2,512,2,128]" in ln and "all-gather(" in ln]
+  assert gathered, "no all-gather of the keys and values over the sequence axis"
+
+
 MODEL_DIR = pathlib.Path(attention_kernels.__file__).parent
 
 
