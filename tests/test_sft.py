@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 
 import jax
@@ -173,39 +174,44 @@ def test_fine_tuned_model_answers_held_out_prompts(imported, chats, tmp_path):
 @pytest.mark.slow
 def test_fresh_optimizer_then_exact_resume(imported, chats, tmp_path, caplog):
   """From imported weights the run logs a fresh optimizer and schedule from step 0 (the first
-  update's learning rate is the schedule's at 0); 3 steps, stop, 3 more give the parameters of 6
-  straight bit for bit, for full SFT and for LoRA on the imported base."""
+  update's learning rate is the schedule's at 0); resumed from its step-3 checkpoint it ends with
+  the parameters and losses of the straight 6 steps bit for bit, for full SFT and for LoRA on the
+  imported base."""
   lr = 1e-3
-  common = {"train.global_batch": 8, "checkpoint.every": 3, "checkpoint.keep_last": 0,
-            "optim.decay_steps": 6, "optim.warmup_steps": 2, "optim.learning_rate": lr,
+  common = {"train.global_batch": 8, "train.steps": 6, "checkpoint.every": 3,
+            "checkpoint.keep_last": 0, "optim.warmup_steps": 2, "optim.learning_rate": lr,
             "metrics.log_every": 1}
 
   straight = copy_of(imported, tmp_path, "straight")
   with caplog.at_level(logging.INFO):
-    train(sft_config(chats, **common, **{"train.steps": 6}), straight)
+    train(sft_config(chats, **common), straight)
   where = f"{straight}/checkpoints/0"
   assert f"fresh optimizer state and schedule from step 0, parameters from {where}" \
       in caplog.text
   lrs = {r["step"]: r["learning_rate"] for r in _records(straight)}
   assert lrs[1] == 0.0 and lrs[2] == pytest.approx(lr / 2)  # warmup from t = 0
-
-  stopped = copy_of(imported, tmp_path, "stopped")
-  train(sft_config(chats, **common, **{"train.steps": 3}), stopped)
   caplog.clear()
   with caplog.at_level(logging.INFO):
-    train(sft_config(chats, **common, **{"train.steps": 6}), stopped)
-  assert f"resumed from {stopped}/checkpoints/3 at step 3" in caplog.text
+    resumed = _resume_from_step_3(straight, sft_config(chats, **common))
+  assert f"resumed from {resumed}/checkpoints/3 at step 3" in caplog.text
   assert "fresh optimizer" not in caplog.text
-  _assert_same_params(straight, stopped, 6)
-  assert {s: v[-1] for s, v in losses_by_step(stopped).items()} == \
-      {s: v[-1] for s, v in losses_by_step(straight).items()}
+  _assert_same_run(straight, resumed)
 
   lora = {**common, "lora.base": imported, "lora.targets": "q,v,down", "lora.rank": 4}
-  lora_straight, lora_stopped = str(tmp_path / "lora_straight"), str(tmp_path / "lora_stopped")
-  train(sft_config(chats, **lora, **{"train.steps": 6}), lora_straight)
-  train(sft_config(chats, **lora, **{"train.steps": 3}), lora_stopped)
-  train(sft_config(chats, **lora, **{"train.steps": 6}), lora_stopped)
-  _assert_same_params(lora_straight, lora_stopped, 6)
+  lora_straight = str(tmp_path / "lora_straight")
+  train(sft_config(chats, **lora), lora_straight)
+  _assert_same_run(lora_straight, _resume_from_step_3(lora_straight, sft_config(chats, **lora)))
+
+
+def _resume_from_step_3(workdir: str, cfg) -> str:
+  """A copy of `workdir` without its step-6 checkpoint and its metrics, trained on to step 6
+  (resuming at 3)."""
+  copy = workdir + "-resumed"
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(f"{copy}/checkpoints/6")
+  os.remove(f"{copy}/metrics.jsonl")
+  train(cfg, copy)
+  return copy
 
 
 def _records(workdir: str) -> list[dict]:
@@ -213,13 +219,18 @@ def _records(workdir: str) -> list[dict]:
     return [r for r in map(json.loads, f) if "learning_rate" in r]
 
 
-def _assert_same_params(a: str, b: str, step: int) -> None:
-  pa, _, _ = checkpoint.load_params(a, step)
-  pb, _, _ = checkpoint.load_params(b, step)
+def _assert_same_run(a: str, b: str) -> None:
+  """The step-6 parameters of the straight run `a` and the resumed `b` are equal bit for bit, and
+  so are the losses of steps 4 to 6."""
+  pa, _, _ = checkpoint.load_params(a, 6)
+  pb, _, _ = checkpoint.load_params(b, 6)
   leaves_a, leaves_b = jax.tree.leaves(pa), jax.tree.leaves(pb)
   assert len(leaves_a) == len(leaves_b) > 0
   for x, y in zip(leaves_a, leaves_b, strict=True):
     np.testing.assert_array_equal(x, y)
+  straight, resumed = losses_by_step(a), losses_by_step(b)
+  assert sorted(resumed) == [4, 5, 6]
+  assert {s: straight[s] for s in resumed} == resumed
 
 
 def test_imported_weights_at_another_step_are_refused(tmp_path):
