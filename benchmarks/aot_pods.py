@@ -51,6 +51,9 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
                     "7B full SFT, v5e-8: fsdp 8, bfloat16 Adam moments"),
     "lora_sft_7b_v5e8": ("configs/sft_lora_gemma_7b_v5e8.py", ("--topology=v5e:2x4",),
                          "7B LoRA SFT (rank 16, all seven projections), v5e-8: fsdp 4 x tensor 2"),
+    "g2_2b_distill": ("configs/gemma2_2b_distill_v5e.py", (),
+                      "Gemma 2 2B distilled from 9B, 2 v5e pods: per pod fsdp 256, data 2 over "
+                      "DCN"),
 }
 
 

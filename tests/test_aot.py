@@ -213,3 +213,32 @@ def test_gemma2_pod_configs_match_the_report_layouts(name, preset, chips, data, 
     box = math.prod(max(x) - min(x) + 1 for x in zip(*coords, strict=True))
     assert box == model, coords
   assert c.train.global_batch % data == 0  # rows split evenly over the data-parallel groups
+
+
+def test_gemma2_distillation_config_matches_the_report():
+  """configs/gemma2_2b_distill_v5e.py: a Gemma 2 2B student of a Gemma 2 9B teacher (declared by
+  preset, so the step is built without the checkpoint) on 2 v5e pods of 256-way ZeRO-3; the
+  step's FLOPs add the teacher's forward pass (2 per matmul weight plus the attention term)."""
+  from maxgemma.trainer import distill
+
+  spec = importlib.util.spec_from_file_location("d", ROOT / "configs" / "gemma2_2b_distill_v5e.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert c.model.preset == "gemma2_2b" and c.distill.teacher_preset == "gemma2_9b"
+  assert c.train.seq_len == 8192 and c.distill.alpha == 0.0 and c.distill.teacher_dtype
+  assert (c.mesh.ici_data, c.mesh.ici_fsdp, c.mesh.dcn_data) == (1, 256, 2)
+  assert c.train.global_batch % 512 == 0
+  student = model_config(c)
+  teacher = distill.teacher_config(c, student)
+  assert teacher.step == -1 and teacher.model_cfg.num_layers == 42
+  assert teacher.model_cfg.attention_impl == "splash" == student.attention_impl
+  objective = distill.from_config(c, student)
+  t = teacher.model_cfg
+  L = c.train.seq_len
+  weights = t.num_layers * (t.d_model * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+                            + 3 * t.d_model * t.ffn_dim) + t.vocab_size * t.d_model
+  context = sum(flops.mean_context(L, w) for w in t.layer_windows())
+  teacher_forward = 2 * weights + 4 * t.num_heads * t.head_dim * context
+  assert objective.flops_per_token(L) == pytest.approx(
+      flops.flops_per_token(student, L) + teacher_forward, rel=1e-9)
