@@ -32,7 +32,7 @@ $(TEST_STAMP): $(RUNTIME_STAMP) requirements-test.txt requirements-gemma.txt
 # The whole suite, slow end-to-end tests included (what CI runs).
 test: install-test
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=30 tests
 
 # Everything but the tests marked slow.
 test-fast: install-test
