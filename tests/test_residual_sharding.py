@@ -62,13 +62,17 @@ def test_rules_switch_only_the_residual_length():
   assert dict(sharding.rules_for(None))["act_residual_length"] == "sequence"
 
 
-def _cpu_saved_shapes(shard: bool, **mesh) -> set[tuple[int, ...]]:
+def _cpu_program(shard: bool, **mesh) -> str:
   cfg = make_config(**(mesh or dict(ici_data=2, ici_tensor=4)), shard_residuals=shard)
   setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
   with setup.scope():
     lowered = setup.train_step.lower(*setup.abstract_args(cfg.train.global_batch,
                                                           cfg.train.seq_len))
-  return saved_per_layer_shapes(lowered.compile().as_text(), setup.model_cfg.num_layers)
+  return lowered.compile().as_text()
+
+
+def _cpu_saved_shapes(shard: bool, **mesh) -> set[tuple[int, ...]]:
+  return saved_per_layer_shapes(_cpu_program(shard, **mesh), 4)  # tiny_gemma2: 4 layers
 
 
 def test_cpu_program_saves_sharded_residuals():
@@ -76,8 +80,12 @@ def test_cpu_program_saves_sharded_residuals():
   assert _cpu_saved_shapes(True) == {(4, 8, 8, 96)}
   assert _cpu_saved_shapes(False) == {(4, 8, 32, 96)}
   # Sequence parallelism (sequence 4 x data 2): the length is split 4 ways with or without the
-  # rule (it adds `tensor`, 1 here).
-  assert _cpu_saved_shapes(False, ici_data=2, ici_sequence=4) == {(4, 8, 8, 96)}
+  # rule (it adds `tensor`, 1 here), and XLA attention all-gathers the keys and values
+  # [8 rows, all 32 positions, 2 kv heads, 16] over the sequence axis (queries stay split).
+  hlo = _cpu_program(False, ici_data=2, ici_sequence=4)
+  assert saved_per_layer_shapes(hlo, 4) == {(4, 8, 8, 96)}
+  gathers = set(re.findall(r"= (\w+\[[\d,]+\])\{?[^ ]* all-gather\(", hlo))
+  assert gathers & {"f32[8,32,2,16]"} and not gathers & {"f32[8,32,4,16]"}, gathers
 
 
 def _tpu_config(shard: bool):
