@@ -109,8 +109,8 @@ def abstract_adapters(boxed_params: Any, targets: tuple[str, ...], rank: int,
       return nn.LogicallyPartitioned(
           jax.ShapeDtypeStruct(tuple(shape[i] for i in lead) + pre
                                + tuple(shape[i] for i in dims) + post, dtype),
-          tuple(names[i] for i in lead) + (None,) * len(pre) + tuple(names[i] for i in dims)
-          + (None,) * len(post))
+          tuple(names[i] for i in lead) + ("lora_rank",) * len(pre)
+          + tuple(names[i] for i in dims) + ("lora_rank",) * len(post))
 
     _set(out, keys + (target,), {"a": box(ins, (), (rank,)), "b": box(outs, (rank,), ())})
   return out

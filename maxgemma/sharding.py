@@ -35,6 +35,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    # A LoRA adapter's rank (maxgemma.lora): over fsdp where its weight's other axes leave fsdp
+    # free (the B of q/k/v/gate/up, the A of o/down), so ZeRO-3 shards those too.
+    ("lora_rank", "fsdp"),
     ("act_batch", BATCH_AXES),
     ("act_length", "sequence"),
     ("act_residual_length", "sequence"),
@@ -66,7 +69,7 @@ def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool
     override = dict(SHARDED_RESIDUAL_RULES)
     rules = tuple((k, override.get(k, v)) for k, v in rules)
   if params and not mesh_cfg.get("shard_params", True):
-    rules = tuple((k, None if k == "embed" else v) for k, v in rules)
+    rules = tuple((k, None if k in ("embed", "lora_rank") else v) for k, v in rules)
   return rules
 
 

@@ -135,6 +135,29 @@ def test_optimizer_state_is_a_small_fraction_of_full_fine_tuning():
   assert ratio <= 0.02
 
 
+
+def test_adapters_are_sharded_and_train_alike_on_every_layout():
+  """LoRA through the builder on fsdp 8 and data 2 x tensor 4 gives the losses of one device;
+  on fsdp 8 each adapter is split 8 ways (the rank over fsdp where its weight leaves fsdp free,
+  e.g. the B of `up`, [layers, rank, mlp]), so ZeRO-3 shards the adapters' optimizer state too."""
+  from tests import test_parallelism
+
+  def lora_config(**mesh):
+    cfg = test_parallelism.make_config(**mesh)
+    cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha = ",".join(ALL), 8, 16.0
+    return cfg
+
+  want, _ = test_parallelism.run_losses(lora_config(), jax.devices()[:1], steps=3)
+  for mesh in (dict(ici_fsdp=8), dict(ici_data=2, ici_tensor=4)):
+    got, _ = test_parallelism.run_losses(lora_config(**mesh), jax.devices(), steps=3)
+    np.testing.assert_allclose(got, want, rtol=test_parallelism.TOLERANCE)
+  setup = build(lora_config(ici_fsdp=8), sharding.make_mesh(lora_config(ici_fsdp=8).mesh))
+  flat = jax.tree_util.tree_flatten_with_path(setup.shardings["params"])[0]
+  abstract = jax.tree.leaves(setup.abstract_state["params"])
+  for (path, s), x in zip(flat, abstract, strict=True):
+    shard = s.shard_shape(x.shape)
+    assert np.prod(shard) * 8 == np.prod(x.shape), (jax.tree_util.keystr(path), x.shape, shard)
+
 def test_bad_targets_one_line():
   with pytest.raises(ValueError, match="config.lora.targets") as e:
     lora.parse_targets("q,qq")
