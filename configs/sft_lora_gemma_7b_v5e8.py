@@ -38,8 +38,8 @@ def get_config():
   c.train.seq_len = 2048
   c.train.global_batch = 8  # one packed row per chip
   c.train.loss_chunk = 512  # no [B, 2048, 256128] float32 logits
-  # fsdp 4 x tensor 2: an adapter keeps its weight's logical axes with the rank unsharded, so the
-  # B of gate/up [layers, R, ffn] and the A of down and o (ffn, heads) shard over tensor only.
+  # fsdp 4 x tensor 2, the layout compiled for docs/finetune.md (fsdp 8 also shards every
+  # adapter: the rank axis goes over fsdp where the weight leaves it free).
   c.mesh.ici_data = 1
   c.mesh.ici_fsdp = 4
   c.mesh.ici_tensor = 2
