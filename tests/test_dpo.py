@@ -115,6 +115,37 @@ def test_first_loss_is_log_two_and_accuracy_rises():
   assert float(history[-1]["chosen_logp"]) > float(history[0]["chosen_logp"])
 
 
+def _dpo_losses(cfg, devices, steps=3):
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, devices))
+  state, frozen = setup.create_state(seed=cfg.train.seed), setup.load_frozen()
+  rng, losses = np.random.default_rng(5), []
+  with setup.scope():
+    for _ in range(steps):
+      batch = jax.device_put(synthetic_pairs(rng, 16), setup.batch_sharding)
+      state, metrics = setup.train_step(state, batch, frozen)
+      losses.append(float(metrics["loss"]))
+  return np.array(losses)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_gives_the_same_losses_on_every_layout(lora):
+  """DPO (policy and frozen reference sharded alike), full or through LoRA adapters (the
+  reference then the LoRA base): data 2 x tensor 4 and fsdp 8 give one device's losses, and
+  the first loss is log 2 (the policy starts as the reference)."""
+  def config(**mesh):
+    cfg = dpo_config(steps=3)
+    cfg.mesh.ici_data = mesh.pop("ici_data", 1)
+    cfg.mesh.update(mesh)
+    if lora:
+      cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha = "q,v,down", 4, 8.0
+    return cfg
+
+  want = _dpo_losses(config(), jax.devices()[:1])
+  assert abs(want[0] - math.log(2.0)) <= 1e-6 and want[-1] < want[0]
+  for mesh in (dict(ici_data=2, ici_tensor=4), dict(ici_fsdp=8)):
+    np.testing.assert_allclose(_dpo_losses(config(**mesh), jax.devices()), want, rtol=1e-5)
+
+
 # ------------------------------------------------------------- preference data through the trainer
 
 PIPE_SEQ = 40
