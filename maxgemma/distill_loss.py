@@ -40,7 +40,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from maxgemma.loss import output_logits
+from maxgemma.loss import output_logits, strided_chunks
 
 Array = jax.Array
 AUX_KEYS = ("objective_sum", "distill_sum", "kl_sum", "nll_sum", "z_loss_sum", "correct",
@@ -157,10 +157,10 @@ def _chunked(body: Callable[..., tuple[Array, Array, dict[str, Array]]], arrays:
   C = -(-L // S)
   pad = C * S - L
 
-  def split(x):
+  def split(x):  # strided chunks: a length (sequence) sharding stays where it is
     if pad:
       x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    return x.reshape(B, C, S, *x.shape[2:]).swapaxes(0, 1)
+    return strided_chunks(x, C)
 
   @jax.checkpoint
   def chunk(totals, xs):

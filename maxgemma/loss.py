@@ -69,6 +69,13 @@ def output_logits(hidden_BSD: Array, embedding_VD: Array, final_softcap: float |
   return logits_BSV
 
 
+def strided_chunks(x: Array, chunks: int) -> Array:
+  """[B, L, ...] (L a multiple of `chunks`) as [chunks, B, L / chunks, ...]: chunk c holds the
+  positions c, c + chunks, c + 2 chunks, ..., so a sharding of B or of L stays on those axes."""
+  B, L = x.shape[:2]
+  return jnp.moveaxis(x.reshape(B, L // chunks, chunks, *x.shape[2:]), 2, 0)
+
+
 def chunked_cross_entropy(hidden_BLD: Array, embedding_VD: Array, targets_BL: Array,
                           weights_BL: Array | None, *, chunk_size: int,
                           final_softcap: float | None = None, z_loss: float = 0.0,
@@ -101,9 +108,8 @@ def chunked_cross_entropy(hidden_BLD: Array, embedding_VD: Array, targets_BL: Ar
     hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
     targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
-  hidden_CBSD = hidden_BLD.reshape(B, S, C, D).transpose(2, 0, 1, 3)
-  targets_CBS = targets_BL.reshape(B, S, C).transpose(2, 0, 1)
-  weights_CBS = weights_BL.reshape(B, S, C).transpose(2, 0, 1)
+  hidden_CBSD, targets_CBS, weights_CBS = (strided_chunks(x, C)
+                                           for x in (hidden_BLD, targets_BL, weights_BL))
 
   @jax.checkpoint
   def chunk(totals, xs):

@@ -223,3 +223,32 @@ def test_bad_inputs_are_one_clear_line():
   h, t, emb, temb, y2, w2 = _hidden_inputs(B=1, L=6, V=7)
   with pytest.raises(ValueError, match="need one tokenizer"):
     dl.chunked_distill_cross_entropy(h, emb, t, temb[:6], y2, w2, chunk_size=2)
+
+
+def test_chunks_keep_a_length_sharding():
+  """With the length sharded 8 ways, the chunked loss (and its gradient) gathers neither
+  model's hidden states: each chunk is strided, so the sharded axis is not the scanned one."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  from maxgemma import hlo
+
+  B, L, D, E, V = 2, 64, 16, 24, 32
+  rng = np.random.default_rng(0)
+  h, t = rng.normal(size=(B, L, D)), rng.normal(size=(B, L, E))
+  emb, temb = rng.normal(size=(V, D)), rng.normal(size=(V, E))
+  targets = rng.integers(0, V, (B, L))
+  mesh = Mesh(np.array(jax.devices()[:8]), ("sequence",))
+  along = NamedSharding(mesh, PartitionSpec(None, "sequence"))
+  whole = NamedSharding(mesh, PartitionSpec())
+
+  def loss(h, emb, t, temb, targets):
+    return dl.chunked_distill_cross_entropy(h, emb, t, temb, targets, None, chunk_size=8,
+                                            dtype=jnp.float32, teacher_dtype=jnp.float32)[0]
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
+               in_shardings=(along, whole, along, whole, along))
+  args = [jnp.asarray(x, jnp.float32) for x in (h, emb, t, temb)]
+  text = fn.lower(args[0], args[1], args[2], args[3], jnp.asarray(targets)).compile().as_text()
+  gathers = [c for c in hlo.ici_collectives(text) if c["kind"] == "all-gather"]
+  largest = max((c["bytes"] for c in gathers), default=0)
+  assert largest < B * L * D * 4 // 2, gathers  # nothing near a whole [B, L, D] hidden state
