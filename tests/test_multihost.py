@@ -134,10 +134,11 @@ def test_host_block_lays_each_process_as_a_block_of_the_fsdp_tensor_grid():
   ici, _ = sharding.resolve_axes(cfg, 16)
   cfg.host_block = "2x2"
   grid = sharding._lay_hosts(devices, ici, sharding._host_block(cfg, ici, devices))
-  hosts = np.vectorize(lambda d: d.process_index)(grid)[0]
+  assert grid.shape == (1, 4, 1, 4)  # data, fsdp, sequence, tensor
+  hosts = np.vectorize(lambda d: d.process_index)(grid)[0, :, 0]  # the fsdp x tensor grid
   assert hosts.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
-  plain = sharding._lay_hosts(devices, ici, None)
-  assert np.vectorize(lambda d: d.process_index)(plain)[0].tolist() == [[p] * 4 for p in range(4)]
+  plain = sharding._lay_hosts(devices, ici, None)[0, :, 0]
+  assert np.vectorize(lambda d: d.process_index)(plain).tolist() == [[p] * 4 for p in range(4)]
   cfg.host_block = "4x2"
   with pytest.raises(ValueError, match=r"mesh.host_block=4x2: a 4x2 block must hold one "
                                        r"process's 4 devices"):
