@@ -136,10 +136,11 @@ def test_optimizer_state_is_a_small_fraction_of_full_fine_tuning():
 
 
 
-def test_adapters_are_sharded_and_train_alike_on_every_layout():
-  """LoRA through the builder on fsdp 8 and data 2 x tensor 4 gives the losses of one device;
-  on fsdp 8 each adapter is split 8 ways (the rank over fsdp where its weight leaves fsdp free,
-  e.g. the B of `up`, [layers, rank, mlp]), so ZeRO-3 shards the adapters' optimizer state too."""
+def test_adapters_are_sharded_over_fsdp_and_train_as_on_one_device():
+  """LoRA through the builder on fsdp 8 gives the losses of one device (tests/test_dpo.py runs
+  LoRA on fsdp 2 x tensor 4), and each adapter is split 8 ways: the rank over fsdp where its
+  weight leaves fsdp free (e.g. the B of `up`, [layers, rank, mlp]), so ZeRO-3 shards the
+  adapters' optimizer state too."""
   from tests import test_parallelism
 
   def lora_config(**mesh):
@@ -148,9 +149,8 @@ def test_adapters_are_sharded_and_train_alike_on_every_layout():
     return cfg
 
   want, _ = test_parallelism.run_losses(lora_config(), jax.devices()[:1], steps=3)
-  for mesh in (dict(ici_fsdp=8), dict(ici_data=2, ici_tensor=4)):
-    got, _ = test_parallelism.run_losses(lora_config(**mesh), jax.devices(), steps=3)
-    np.testing.assert_allclose(got, want, rtol=test_parallelism.TOLERANCE)
+  got, _ = test_parallelism.run_losses(lora_config(ici_fsdp=8), jax.devices(), steps=3)
+  np.testing.assert_allclose(got, want, rtol=test_parallelism.TOLERANCE)
   setup = build(lora_config(ici_fsdp=8), sharding.make_mesh(lora_config(ici_fsdp=8).mesh))
   flat = jax.tree_util.tree_flatten_with_path(setup.shardings["params"])[0]
   abstract = jax.tree.leaves(setup.abstract_state["params"])
