@@ -143,6 +143,44 @@ def test_dpo_with_lora_gives_the_same_losses_on_a_sharded_layout():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_a_bad_reference_is_refused_in_one_line(tmp_path):
+  """config.dpo.reference: no checkpoint, another architecture, another tokenizer: refused
+  when the step is built, each in one line naming the key; a matching one builds."""
+  from maxgemma import checkpoint
+  from maxgemma.data import tokenizer as tokenizer_lib
+
+  def save(cfg, workdir):
+    setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    ckpt = checkpoint.Checkpointer(workdir)
+    ckpt.save(0, {"params": setup.create_state(seed=1)["params"]}, config=cfg,
+              model_cfg=setup.model_cfg)
+    ckpt.close()
+    return workdir
+
+  def refused(reference, needle, error=ValueError, **overrides):
+    cfg = dpo_config()
+    cfg.dpo.reference = reference
+    cfg.update_from_flattened_dict(overrides)
+    with pytest.raises(error, match=f"config.dpo.reference={reference}:? {needle}") as e:
+      build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    assert "\n" not in str(e.value)
+
+  refused(str(tmp_path / "none"), "no complete checkpoint", FileNotFoundError)
+  wider = tiny_config(**{"model.num_layers": 2, "model.d_model": 96, "train.steps": 1})
+  refused(save(wider, str(tmp_path / "wider")), r"holds checkpoints of a different model "
+          r"\(d_model: checkpoint 96 vs config 64\).*DPO's reference has the policy's")
+  same = save(dpo_config(), str(tmp_path / "same"))
+  texts = [f"document {i} about {w} and {w * 2}" for i in range(200) for w in ("cats", "rain")]
+  other = str(tmp_path / "other.model")
+  tokenizer_lib.train(texts, 440, output=other)
+  refused(same, r"the reference's tokenizer .* is not the policy's config.data.tokenizer",
+          **{"data.tokenizer": other})
+  cfg = dpo_config()
+  cfg.dpo.reference = same
+  assert isinstance(build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1])).objective,
+                    dpo.DPO)
+
+
 # ------------------------------------------------------------- preference data through the trainer
 
 PIPE_SEQ = 40

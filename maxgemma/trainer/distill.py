@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maxgemma import distill_loss, storage
-from maxgemma.data import tokenizer as tokenizer_lib
+from maxgemma import distill_loss
 from maxgemma.model import flops
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
+from maxgemma.trainer import frozen
 from maxgemma.trainer import state as state_lib
 from maxgemma.trainer.objective import Batch, LossSums, Objective, token_batch_spec
 
@@ -82,38 +82,17 @@ def _runnable(cfg: ml_collections.ConfigDict, teacher: ModelConfig, student: Mod
 
 def _checkpoint_teacher(cfg: ml_collections.ConfigDict, student: ModelConfig) -> Teacher:
   """The latest checkpoint of `cfg.distill.teacher`, its tokenizer checked against the student's."""
-  from maxgemma.checkpoint import Checkpointer, model_config_from_dict  # noqa: PLC0415
-  from maxgemma.convert.workdir_tokenizer import find_tokenizer  # noqa: PLC0415
+  from maxgemma.checkpoint import model_config_from_dict  # noqa: PLC0415
 
   workdir = str(cfg.distill.teacher)
   key = f"config.distill.teacher={workdir}"
-  ckpt = Checkpointer(workdir, read_only=True) \
-      if storage.path(storage.join(workdir, "checkpoints")).is_dir() else None
-  try:
-    step = None if ckpt is None else ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(
-          f"{key}: no complete checkpoint in {storage.join(workdir, 'checkpoints')}; train the "
-          "teacher there first, or bring one in with python -m maxgemma.import_weights")
-    meta = ckpt.meta(step)
-  finally:
-    if ckpt is not None:
-      ckpt.close()
+  step, meta = frozen.latest_checkpoint(workdir, key)
   if not meta.get("model"):
     raise ValueError(f"{key}: checkpoint {step} records no model config; re-save it with "
                      "maxgemma.train or maxgemma.import_weights")
   teacher = model_config_from_dict(meta["model"])
   if teacher.vocab_size == student.vocab_size:
-    found = find_tokenizer(workdir, meta=meta)
-    if found.path is None:
-      raise ValueError(f"{key}: the teacher has no known tokenizer ({found.origin}); write its "
-                       f"tokenizer.model into {workdir} so that it can be checked against "
-                       "config.data.tokenizer")
-    mine = tokenizer_lib.load_tokenizer(str(cfg.data.tokenizer))
-    theirs = tokenizer_lib.load(found.path)
-    if mine.fingerprint != theirs.fingerprint:
-      raise ValueError(f"{key}: the teacher's tokenizer ({found.origin}) is not the student's "
-                       f"config.data.tokenizer ({mine.path}); distillation needs one tokenizer")
+    frozen.check_same_tokenizer(cfg, workdir, meta, key, frozen="teacher", trained="student")
   return Teacher(workdir=workdir, step=int(step), model_cfg=_runnable(cfg, teacher, student, key))
 
 

@@ -25,6 +25,7 @@ from maxgemma.data.preference import CHOSEN, REJECTED, pack_pair  # noqa: F401 (
 from maxgemma.model import flops
 from maxgemma.model.config import ModelConfig
 from maxgemma.model.gemma import Transformer
+from maxgemma.trainer import frozen
 from maxgemma.trainer import state as state_lib
 from maxgemma.trainer.objective import Batch, LossSums, Objective
 
@@ -163,9 +164,25 @@ def enabled(cfg: Any) -> bool:
   return bool(cfg.get("dpo", {}).get("enabled", False))
 
 
+def check_reference(cfg: Any, model_cfg: ModelConfig, workdir: str) -> None:
+  """Refuses, in one line naming config.dpo.reference, a reference workdir without a complete
+  checkpoint, of another architecture than the policy, or of another tokenizer."""
+  from maxgemma.checkpoint import check_same_architecture, model_config_from_dict  # noqa: PLC0415
+
+  key = f"config.dpo.reference={workdir}"
+  _, meta = frozen.latest_checkpoint(workdir, key)
+  if meta.get("model"):
+    check_same_architecture(model_config_from_dict(meta["model"]), model_cfg, key,
+                            "DPO's reference has the policy's architecture: point "
+                            "config.dpo.reference at one, or leave it empty (the policy's start)")
+  frozen.check_same_tokenizer(cfg, workdir, meta, key, frozen="reference", trained="policy")
+
+
 def from_config(cfg: Any, model_cfg: ModelConfig) -> DPO:
   """The DPO objective `cfg.dpo` describes; the reference is `cfg.dpo.reference`'s latest
   checkpoint, or ("") the policy's starting weights."""
+  if cfg.dpo.reference:
+    check_reference(cfg, model_cfg, str(cfg.dpo.reference))
   return DPO(model_cfg, beta=float(cfg.dpo.beta), label_smoothing=float(cfg.dpo.label_smoothing),
              load_reference=params_loader(
                  model_cfg, str(cfg.dpo.reference or cfg.get("lora", {}).get("base", "")),
