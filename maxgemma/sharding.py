@@ -225,6 +225,28 @@ def check_sequence(seq_len: int, mesh: Mesh) -> None:
                      f"{P * max(1, L // P)} or a sequence axis dividing {L}")
 
 
+def check_residuals(seq_len: int, d_model: int, mesh: Mesh,
+                    mesh_cfg: ml_collections.ConfigDict) -> None:
+  """One line naming `mesh.shard_residuals` and the key to change when the mesh axes the residual
+  stream's length (or embedding) is split over do not divide it: the compiler would otherwise pad
+  the shards silently (uneven shards, more memory than planned)."""
+  if not mesh_cfg.get("shard_residuals", False):
+    return
+  table = dict(rules_for(mesh_cfg))
+  for name, dim, key in (("act_residual_length", int(seq_len), "train.seq_len"),
+                         ("act_embed", int(d_model), "the model's d_model")):
+    axes = table.get(name)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if axes and dim % n:
+      keys = " x ".join(f"mesh.ici_{a} x mesh.dcn_{a}" for a in axes)
+      raise ValueError(f"mesh.shard_residuals splits the residual stream's {name} ({key}="
+                       f"{dim}) over {' x '.join(axes)} = {n} devices ({keys}), which does not "
+                       f"divide it; use a {key} divisible by {n}, other mesh sizes, or "
+                       "mesh.shard_residuals=False")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """[batch, length] inputs: batch over the data-parallel axes, each row whole on every device
   of a `sequence` group (the model's first length constraint slices it; so a process feeds whole

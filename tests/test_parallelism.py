@@ -138,6 +138,16 @@ def test_sequence_axis_must_divide_the_length():
     build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
 
 
+def test_residual_shards_must_divide_the_length():
+  # Sharded residuals split the length over sequence x tensor: 34 positions over tensor 4 would
+  # be padded shards; refused in one line naming the keys (sequence 1 divides it).
+  cfg = make_config(ici_tensor=4, ici_data=2)
+  cfg.train.seq_len = 34
+  with pytest.raises(ValueError, match=r"mesh.shard_residuals splits the residual stream's "
+                                       r"act_residual_length \(train.seq_len=34\) over tensor = 4"):
+    build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+
+
 def test_two_real_processes_give_the_same_loss(reference, tmp_path):
   """2 processes x 4 devices joined by jax.distributed (gloo on localhost), data 8."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -104,6 +104,7 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
   config_lib.check_keys(cfg)
   model_cfg = config_lib.model_config(cfg)
   sharding.check_sequence(cfg.train.seq_len, mesh)
+  sharding.check_residuals(cfg.train.seq_len, model_cfg.d_model, mesh, cfg.mesh)
   if model_cfg.attention_impl == "splash" and mesh.shape.get("sequence", 1) > 1:
     # The query tiles tile one sequence shard's queries (raises naming the model.splash_* key).
     attention_kernels.splash_block_sizes(int(cfg.train.seq_len), model_cfg.splash_block_sizes(),
