@@ -4,7 +4,8 @@ Layout: `WORKDIR/checkpoints/<step>/` with items
   params     the parameter tree (scanned layout), sharded arrays
   opt_state  the optimizer state (absent in a checkpoint written by `import_weights`)
   data       the data iterator's position, one file per process
-  meta       JSON: step, the model config, the experiment config
+  meta       JSON: step, the model config, the experiment config (a LoRA run: also `lora_base`,
+             the base workdir and step it trains on)
 Orbax writes each step into a temporary directory and renames it when every item is complete, so a
 checkpoint is either whole or absent; saves are asynchronous (training goes on while they write).
 """
@@ -99,15 +100,17 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state: dict, *, config: ml_collections.ConfigDict | None = None,
-           model_cfg: ModelConfig | None = None, data_args: Any = None, force: bool = True
-           ) -> bool:
-    """Starts an (async) save of `state` at `step`; returns whether a save was started."""
+           model_cfg: ModelConfig | None = None, data_args: Any = None, force: bool = True,
+           extra_meta: dict | None = None) -> bool:
+    """Starts an (async) save of `state` at `step`; returns whether a save was started.
+    `extra_meta` adds entries to the meta (a LoRA run's `lora_base`)."""
     items: dict[str, Any] = {"params": ocp.args.StandardSave(state["params"])}
     if "opt_state" in state:
       items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
     meta = {"step": int(step),
             "model": model_config_to_dict(model_cfg) if model_cfg is not None else None,
-            "config": json.loads(config.to_json_best_effort()) if config is not None else None}
+            "config": json.loads(config.to_json_best_effort()) if config is not None else None,
+            **(extra_meta or {})}
     items["meta"] = ocp.args.JsonSave(meta)
     if data_args is not None:
       items["data"] = data_args

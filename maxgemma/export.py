@@ -13,9 +13,10 @@
          (`peft.PeftModel.from_pretrained(base, PATH)` loads it onto the base's hf export);
          --base_model is its base_model_name_or_path (default: the run's config.lora.base)
 
-A LoRA run's workdir exported as hf, gguf or gemma gives the merged model: its base
-(`config.lora.base`'s latest checkpoint, or the fresh init of train.seed) with the adapters merged
-in by `maxgemma.lora.merge`, one layer at a time (`maxgemma.convert.peft_format.MergedReader`).
+A LoRA run's workdir exported as hf, gguf or gemma gives the merged model: its base (the
+checkpoint of `config.lora.base` the run trained on, as its meta records it, or the fresh init of
+train.seed) with the adapters merged in by `maxgemma.lora.merge`, one layer at a time
+(`maxgemma.convert.peft_format.MergedReader`).
 
 The checkpoint is read one layer slice at a time (tensorstore) and written tensor by tensor, so
 the process holds at most one layer besides what the format itself needs (the `gemma` format is

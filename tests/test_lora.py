@@ -1,16 +1,32 @@
 """LoRA: merged weights against float64 numpy per target, zero-initialised adapters leave the
 logits unchanged, the optimizer state is a small fraction of full fine-tuning's (counted in
-bytes), only adapters are trained and checkpointed, and bad targets are refused in one line."""
+bytes), only adapters are trained and checkpointed, and bad targets are refused in one line.
+
+Dropout: the unmerged projections with a fixed key against float64 numpy of
+x W + scale * (mask * x / (1 - p)) A B, the unmerged model without dropout against the merged
+logits, dropout moving the losses and training on fsdp 2 x tensor 4 as on one device, a rate
+outside [0, 1) refused in one line. (tests/test_sft.py resumes a LoRA run with dropout exactly.)
+The base a run trains on is pinned to the step it started from, for the resumed run and the
+merged export."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from maxgemma import checkpoint, lora, sharding
+from maxgemma import config as config_lib
+from maxgemma.convert import peft_format
+from maxgemma.convert.checkpoint_reader import CheckpointReader
 from maxgemma.model.gemma import Transformer
+from maxgemma.model.layers import Einsum, FeedForward
 from maxgemma.model.presets import get_preset
 from maxgemma.trainer import state as state_lib
 from maxgemma.trainer.build import build
@@ -151,6 +167,16 @@ def test_adapters_are_sharded_over_fsdp_and_train_as_on_one_device():
   want, _ = test_parallelism.run_losses(lora_config(), jax.devices()[:1], steps=3)
   got, _ = test_parallelism.run_losses(lora_config(ici_fsdp=8), jax.devices(), steps=3)
   np.testing.assert_allclose(got, want, rtol=test_parallelism.TOLERANCE)
+  # Dropout (the unmerged adapters, a key per step): the masks do not depend on the layout, so
+  # fsdp 2 x tensor 4 gives one device's losses, which differ from dropout 0's.
+  dropped = lambda **mesh: test_parallelism.run_losses(  # noqa: E731
+      _with(lora_config(**mesh), **{"lora.dropout": 0.3}), jax.devices()[:8 if mesh else 1],
+      steps=3)[0]
+  one = dropped()
+  np.testing.assert_allclose(dropped(ici_fsdp=2, ici_tensor=4), one,
+                             rtol=test_parallelism.TOLERANCE)
+  assert one[0] == want[0]  # step 0: B = 0, so the adapters (dropped or not) change nothing
+  assert np.all(np.abs(one[1:] - want[1:]) > 1e-4), (one, want)
   setup = build(lora_config(ici_fsdp=8), sharding.make_mesh(lora_config(ici_fsdp=8).mesh))
   flat = jax.tree_util.tree_flatten_with_path(setup.shardings["params"])[0]
   abstract = jax.tree.leaves(setup.abstract_state["params"])
@@ -166,8 +192,13 @@ def test_bad_targets_one_line():
   with pytest.raises(ValueError, match="names no parameter") as e:
     lora.abstract_adapters({"embedder": boxed["embedder"]}, ("q",), 4)
   assert "\n" not in str(e.value)
-  with pytest.raises(ValueError, match="config.lora.dropout"):
-    lora.LoRA(NextToken(get_preset("tiny_gemma2")), targets="q", rank=2, alpha=2.0, dropout=0.1)
+  for rate in (-0.1, 1.0, 1.5):
+    with pytest.raises(ValueError, match=r"config.lora.dropout=.*\[0, 1\)") as e:
+      lora.LoRA(NextToken(get_preset("tiny_gemma2")), targets="q", rank=2, alpha=2.0,
+                dropout=rate)
+    assert "\n" not in str(e.value)
+  assert lora.LoRA(NextToken(get_preset("tiny_gemma2")), targets="q", rank=2, alpha=2.0,
+                   dropout=0.1).needs_rng
 
 
 def test_lora_run_trains_and_checkpoints_only_adapters(tmp_path):
@@ -181,3 +212,195 @@ def test_lora_run_trains_and_checkpoints_only_adapters(tmp_path):
   b_leaves = [x for p, x in paths if str(p[-1].key) == "b"]
   assert any(np.any(np.asarray(x) != 0) for x in b_leaves)  # the adapters moved
   assert np.isfinite(last["loss"])
+
+
+def _with(cfg, **overrides):
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  return cfg
+
+
+class Projections(nn.Module):
+  """The adapted projections of one layer, outside the model: q, k and v (two einsums), o and
+  the feed-forward (gate, up, down)."""
+
+  N, K, D, H, F = 2, 1, 6, 4, 10
+
+  @nn.compact
+  def __call__(self, x_BLD, h_BLNH):
+    N, K, D, H = self.N, self.K, self.D, self.H
+    init = nn.initializers.normal(0.5)
+    f32 = jnp.float32
+    q = Einsum((N, D, H), ("heads", "embed", "head_dim"), init, f32, f32,
+               name="q_einsum")("BLD,NDH->BLNH", x_BLD)
+    kv = Einsum((2, K, D, H), (None, "kv_heads", "embed", "head_dim"), init, f32, f32,
+                name="kv_einsum")("BSD,CKDH->CBSKH", x_BLD)
+    o = Einsum((N, H, D), ("heads", "head_dim", "embed"), init, f32, f32,
+               name="attn_vec_einsum")("BLNH,NHD->BLD", h_BLNH)
+    ffw = FeedForward(D, self.F, dtype=f32, param_dtype=f32, name="mlp")(x_BLD)
+    return q, kv, o, ffw
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def test_unmerged_dropout_matches_numpy_on_every_projection():
+  """y = x W + scale * (mask * x / (1 - p)) A B per target, float64 numpy against the
+  interceptor, each target with its own mask (the feed-forward's down mask on its hidden)."""
+  p, rank, alpha = 0.4, 3, 6.0
+  scale = alpha / rank
+  module = Projections()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 5, module.D)).astype(np.float32)
+  h = rng.normal(size=(2, 5, module.N, module.H)).astype(np.float32)
+  boxed = module.init(jax.random.key(0), x, h)["params"]
+  params = nn.unbox(boxed)
+  adapters = random_adapters(lora.abstract_adapters(boxed, ALL, rank), 1)
+  tree = lora.with_adapters(params, adapters, jax.random.key(5))
+  with lora.unmerged(alpha=alpha, rank=rank, dropout=p):
+    q, kv, o, ffw = jax.jit(lambda t: module.apply({"params": t}, x, h))(tree)
+
+  f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+
+  def dropped(where, target, inp):
+    mask = np.asarray(lora.keep_mask(tree[where]["lora"][target]["key"], p, inp.shape))
+    assert 0.3 < mask.mean() < 0.9, mask.mean()  # keeps about 1 - p
+    return mask * f64(inp) / (1 - p)
+
+  def low_rank(where, target, inp):
+    ad = adapters[where]["w" if where != "mlp" else {"gate": "gating_einsum", "up":
+                                                      "gating_einsum", "down": "linear"}[target]]
+    A, B = f64(ad[target]["a"]), f64(ad[target]["b"])
+    return scale * np.tensordot(np.tensordot(dropped(where, target, inp), A, A.ndim - 1), B, 1)
+
+  W = lambda where, name="w": f64(params[where][name])  # noqa: E731
+  checks = {
+      "q": (q, np.einsum("bld,ndh->blnh", f64(x), W("q_einsum")) + low_rank("q_einsum", "q", x)),
+      "k": (kv[0], np.einsum("bld,kdh->blkh", f64(x), W("kv_einsum")[0])
+            + low_rank("kv_einsum", "k", x)),
+      "v": (kv[1], np.einsum("bld,kdh->blkh", f64(x), W("kv_einsum")[1])
+            + low_rank("kv_einsum", "v", x)),
+      "o": (o, np.einsum("blnh,nhd->bld", f64(h), W("attn_vec_einsum"))
+            + low_rank("attn_vec_einsum", "o", h))}
+  gating = W("mlp", "gating_einsum")
+  gate = f64(x) @ gating[0] + low_rank("mlp", "gate", x)
+  up = f64(x) @ gating[1] + low_rank("mlp", "up", x)
+  hidden = _gelu_tanh(gate) * up
+  checks["ffw"] = (ffw, hidden @ W("mlp", "linear") + low_rank("mlp", "down", hidden))
+  for name, (got, want) in checks.items():
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5, err_msg=name)
+  keys = [np.asarray(tree[w]["lora"][t]["key"]) for w, t in (
+      ("q_einsum", "q"), ("kv_einsum", "k"), ("kv_einsum", "v"), ("mlp", "gate"), ("mlp", "up"))]
+  assert len({k.tobytes() for k in keys}) == len(keys)  # a mask of its own per target
+
+
+@pytest.mark.parametrize("preset", ["tiny_gemma2", "tiny_gemma1_mha"])
+def test_unmerged_without_dropout_gives_the_merged_logits(preset):
+  """The scanned tiny model, every target (fused qkv for Gemma 1 MHA), float32: the unmerged
+  path without dropout is the merged model within 1e-5, while the adapters move the logits and
+  dropout moves them again."""
+  cfg = get_preset(preset, dtype="float32")
+  boxed = state_lib.abstract_params(cfg)
+  base = jax.jit(lambda: state_lib.init_params(cfg, jax.random.key(0)))()
+  shapes = nn.unbox(lora.abstract_adapters(boxed, ALL, 3))
+  leaves, treedef = jax.tree.flatten(shapes)
+  rng = np.random.default_rng(1)
+  adapters = jax.tree.unflatten(treedef, [rng.normal(0, 0.05, x.shape).astype(np.float32)
+                                          for x in leaves])
+  tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
+  model = Transformer(cfg)
+
+  @jax.jit
+  def logits(base, adapters):
+    merged = model.apply({"params": lora.merge(base, adapters, boxed, alpha=6.0, rank=3)}, tokens)
+    with lora.unmerged(alpha=6.0, rank=3):
+      unmerged = model.apply({"params": lora.with_adapters(base, adapters)}, tokens)
+    with lora.unmerged(alpha=6.0, rank=3, dropout=0.3):
+      dropped = model.apply({"params": lora.with_adapters(base, adapters, jax.random.key(3))},
+                            tokens)
+    return model.apply({"params": base}, tokens), merged, unmerged, dropped
+
+  plain, merged, unmerged, dropped = map(np.asarray, logits(base, adapters))
+  assert np.abs(merged - plain).max() > 0.1
+  np.testing.assert_allclose(unmerged, merged, rtol=0, atol=1e-5)
+  assert np.abs(dropped - merged).max() > 0.1
+
+
+def _base_workdir(path: str, cfg, params, step: int) -> None:
+  ckpt = checkpoint.Checkpointer(path, ml_collections.ConfigDict(dict(
+      keep_last=0, keep_every=0, async_save=False)))
+  ckpt.save(step, {"params": params}, model_cfg=config_lib.model_config(cfg), config=cfg)
+  ckpt.close()
+
+
+def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
+  """The run records the base's workdir and latest step; once the base holds a newer checkpoint,
+  the resumed run's base and the merged export are still that step; a recorded step that is gone,
+  or another config.lora.base, is refused in one line naming the base and the step."""
+  base = str(tmp_path / "base")
+  cfg = tiny_config(**{"lora.targets": "q,down", "lora.rank": 2, "lora.base": base})
+  model_cfg = config_lib.model_config(cfg)
+  params = jax.device_get(jax.jit(lambda: state_lib.init_params(model_cfg, jax.random.key(3)))())
+  _base_workdir(base, cfg, params, 4)
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  recorded = lora.pin_base(setup.objective, None)
+  assert recorded == {"lora_base": {"workdir": base, "step": 4}}
+  _base_workdir(base, cfg, jax.tree.map(lambda x: x + 1.0, params), 9)  # the base moves on
+
+  resumed = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  assert lora.pin_base(resumed.objective, recorded) == recorded
+  loaded = jax.device_get(resumed.load_frozen()["base"])
+  for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(x, y)  # step 4's weights, not step 9's
+  fresh = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  assert lora.pin_base(fresh.objective, None)["lora_base"]["step"] == 9  # a new run: the latest
+
+  run_dir = str(tmp_path / "run")
+  ckpt = checkpoint.Checkpointer(run_dir, ml_collections.ConfigDict(dict(
+      keep_last=0, keep_every=0, async_save=False)))
+  adapters = lora.init_adapters(setup.objective.abstract_params(), jax.random.key(1))
+  ckpt.save(2, {"params": adapters}, config=cfg, model_cfg=model_cfg, extra_meta=recorded)
+  ckpt.close()
+  run = peft_format.lora_run(CheckpointReader(run_dir))
+  assert (run.base, run.base_step) == (base, 4)
+  assert peft_format.MergedReader(run).base.step == 4
+
+  other = build(_with(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2}),
+                      **{"lora.base": str(tmp_path / "elsewhere")}),
+                sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  with pytest.raises(ValueError, match=f"this LoRA run trained on {base} at step 4") as e:
+    lora.pin_base(other.objective, recorded)
+  assert "\n" not in str(e.value)
+  shutil.rmtree(os.path.join(base, "checkpoints", "4"))
+  with pytest.raises(FileNotFoundError, match=f"config.lora.base={base}: step 4, .* is gone") as e:
+    lora.pin_base(resumed.objective, recorded)
+  assert "\n" not in str(e.value)
+  with pytest.raises(FileNotFoundError, match=f"{base} at step 4") as e:
+    peft_format.MergedReader(run)
+  assert "\n" not in str(e.value)
+
+
+def test_dropout_masks_are_the_steps_own():
+  """Through the jitted train step, from the same adapters (B nonzero, so masks matter): the same
+  step number gives the same loss bit for bit (what an exact resume needs), another step another
+  loss (a mask per step)."""
+  from tests import test_parallelism
+
+  cfg = _with(test_parallelism.make_config(), **{"lora.targets": "q,v,down", "lora.rank": 4,
+                                                 "lora.dropout": 0.3, "train.global_batch": 4})
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  start = jax.device_get(setup.create_state(seed=0))
+  start["params"] = random_adapters(setup.objective.abstract_params(), 4)
+  batch = next(test_parallelism.synthetic_batches(cfg, 1, setup.model_cfg.vocab_size))
+  frozen = setup.load_frozen()
+
+  def loss(step: int) -> float:
+    state = jax.device_put({**start, "step": np.int32(step)}, setup.shardings)
+    with setup.scope():
+      return float(setup.train_step(state, sharding.global_batch(batch, setup.mesh),
+                                    frozen)[1]["loss"])
+
+  assert loss(3) == loss(3)
+  assert len({loss(3), loss(4), loss(5)}) == 3

@@ -176,7 +176,8 @@ def test_fresh_optimizer_then_exact_resume(imported, chats, tmp_path, caplog):
   """From imported weights the run logs a fresh optimizer and schedule from step 0 (the first
   update's learning rate is the schedule's at 0); resumed from its step-3 checkpoint it ends with
   the parameters and losses of the straight 6 steps bit for bit, for full SFT and for LoRA on the
-  imported base."""
+  imported base with adapter dropout (a mask per step, drawn again on resume); the LoRA run's
+  checkpoints record the base step it trains on."""
   lr = 1e-3
   common = {"train.global_batch": 8, "train.steps": 6, "checkpoint.every": 3,
             "checkpoint.keep_last": 0, "optim.warmup_steps": 2, "optim.learning_rate": lr,
@@ -197,9 +198,13 @@ def test_fresh_optimizer_then_exact_resume(imported, chats, tmp_path, caplog):
   assert "fresh optimizer" not in caplog.text
   _assert_same_run(straight, resumed)
 
-  lora = {**common, "lora.base": imported, "lora.targets": "q,v,down", "lora.rank": 4}
+  lora = {**common, "lora.base": imported, "lora.targets": "q,v,down", "lora.rank": 4,
+          "lora.dropout": 0.2}
   lora_straight = str(tmp_path / "lora_straight")
   train(sft_config(chats, **lora), lora_straight)
+  ckpt = checkpoint.Checkpointer(lora_straight, read_only=True)
+  assert ckpt.meta(6)["lora_base"] == {"workdir": imported, "step": 0}
+  ckpt.close()
   _assert_same_run(lora_straight, _resume_from_step_3(lora_straight, sft_config(chats, **lora)))
 
 

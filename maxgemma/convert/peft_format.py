@@ -56,6 +56,7 @@ class LoraRun:
   base: str  # the base workdir ("" = the fresh init of `seed`)
   seed: int
   adapters: dict
+  base_step: int | None = None  # the base checkpoint the run trained on (None: not recorded)
 
   @property
   def config(self) -> ModelConfig:
@@ -79,9 +80,11 @@ def lora_run(reader: CheckpointReader) -> LoraRun | None:
   if not c.get("targets"):
     return None
   adapters = nest({k: reader.arrays.read(k) for k in reader.arrays.keys})
+  pinned = reader.meta.get("lora_base") or {}  # recorded by the trainer (`lora.LoRA.pin_base`)
   return LoraRun(reader, lora.parse_targets(str(c["targets"])), int(c["rank"]),
-                 float(c["alpha"]), str(c.get("base") or ""),
-                 int((train_cfg.get("train") or {}).get("seed", 0)), adapters)
+                 float(c["alpha"]), str(pinned.get("workdir", c.get("base")) or ""),
+                 int((train_cfg.get("train") or {}).get("seed", 0)), adapters,
+                 None if pinned.get("step") is None else int(pinned["step"]))
 
 
 def not_lora_error(workdir: str) -> ValueError:
@@ -194,7 +197,8 @@ def write_peft(run: LoraRun, out: str, dtype: np.dtype, *, overwrite: bool = Fal
 
 class MergedReader:
   """A LoRA run's checkpoint read as a whole model (base + adapters, merged by `lora.merge`),
-  layer by layer, with the interface of `CheckpointReader` that the exporters use.
+  layer by layer, with the interface of `CheckpointReader` that the exporters use. The base is
+  the checkpoint step the run recorded (`lora_base` in its meta), else the base's latest.
 
   `arrays` is the base's: read through it only what no adapter touches (the embedding and the
   final norm); `block` and `leaf` return merged weights.
@@ -207,10 +211,11 @@ class MergedReader:
       self.base: Any = _FreshBase(run.config, run.seed)
     else:
       try:
-        self.base = CheckpointReader(run.base)
+        self.base = CheckpointReader(run.base, run.base_step)
       except FileNotFoundError as e:
-        raise FileNotFoundError(f"the base of LoRA run {self.workdir} (its config.lora.base): "
-                                f"{e}") from None
+        trained_on = "" if run.base_step is None else f" {run.base} at step {run.base_step}"
+        raise FileNotFoundError(f"the base of LoRA run {self.workdir} (its config.lora.base"
+                                f"{trained_on}): {e}") from None
       diffs = [f for f in ("family", "num_layers", "d_model", "ffn_dim", "num_heads",
                            "num_kv_heads", "head_dim", "vocab_size")
                if getattr(self.base.config, f) != getattr(run.config, f)]

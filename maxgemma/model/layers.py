@@ -118,10 +118,15 @@ class FeedForward(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   flatten: bool = False  # merge B and L for the three matmuls (`einsum`)
 
+  def project(self, weight: str, index: int | None, spec: str, x: Array, w: Array) -> Array:
+    """`x` through the parameter `weight` (its slice `index` along the stacking axis, or the whole
+    of it): one of the three matmuls, a method of its own so that a flax method interceptor can
+    add to it (maxgemma.lora's unmerged adapters)."""
+    return (einsum if self.flatten else jnp.einsum)(spec, x, w)
+
   @nn.compact
   def __call__(self, x_BLD: Array) -> Array:
     D, F = self.d_model, self.ffn_dim
-    matmul = einsum if self.flatten else jnp.einsum
     if self.transpose_gating:
       gating = param(self, "gating_einsum", dense_init(2, 1, 0), (2, F, D), (None, "mlp", "embed"),
                      self.param_dtype)
@@ -131,9 +136,9 @@ class FeedForward(nn.Module):
                      self.param_dtype)
       spec = "BLD,DF->BLF"
     gating = gating.astype(self.dtype)
-    gate_BLF = matmul(spec, x_BLD, gating[0])
-    up_BLF = matmul(spec, x_BLD, gating[1])
+    gate_BLF = self.project("gating_einsum", 0, spec, x_BLD, gating[0])
+    up_BLF = self.project("gating_einsum", 1, spec, x_BLD, gating[1])
     h_BLF = nn.gelu(gate_BLF, approximate=True) * up_BLF
     h_BLF = nn.with_logical_constraint(h_BLF, ("act_batch", "act_length", "act_mlp"))
     linear = param(self, "linear", dense_init(0, 1), (F, D), ("mlp", "embed"), self.param_dtype)
-    return matmul("BLF,FD->BLD", h_BLF, linear.astype(self.dtype))
+    return self.project("linear", None, "BLF,FD->BLD", h_BLF, linear.astype(self.dtype))

@@ -125,7 +125,8 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   step = step_lib.make_train_step(objective, tx, schedule,
-                                  grad_accum_steps=int(cfg.optim.grad_accum_steps))
+                                  grad_accum_steps=int(cfg.optim.grad_accum_steps),
+                                  seed=int(cfg.train.seed))
   train_step = jax.jit(step, in_shardings=(shardings, batch_sharding, frozen_shardings),
                        out_shardings=(shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(objective),

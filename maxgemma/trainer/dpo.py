@@ -136,9 +136,9 @@ class DPO(Objective):
 
 
 def params_loader(model_cfg: ModelConfig, workdir: str, seed: int):
-  """A function of shardings giving `workdir`'s latest checkpointed parameters, or ("" workdir)
-  the parameters a fresh run with `seed` starts from."""
-  def load(shardings: Any) -> Any:
+  """A function of shardings (and a step: None = the latest) giving `workdir`'s checkpointed
+  parameters, or ("" workdir) the parameters a fresh run with `seed` starts from."""
+  def load(shardings: Any, step: int | None = None) -> Any:
     if not workdir:
       init = lambda: state_lib.init_params(model_cfg, jax.random.key(seed))  # noqa: E731
       return jax.jit(init, out_shardings=shardings)()
@@ -147,7 +147,7 @@ def params_loader(model_cfg: ModelConfig, workdir: str, seed: int):
     from maxgemma.checkpoint import Checkpointer  # noqa: PLC0415
     ckpt = Checkpointer(workdir, read_only=True)
     try:
-      step = ckpt.latest_step()
+      step = ckpt.latest_step() if step is None else step
       if step is None:
         raise FileNotFoundError(f"{workdir}: no complete checkpoint to load parameters from; "
                                 "train or import one there first")

@@ -18,7 +18,7 @@ import ml_collections
 from absl import logging
 
 from maxgemma import config as config_lib
-from maxgemma import distributed, feed, metrics, runlock, sharding, storage
+from maxgemma import distributed, feed, lora, metrics, runlock, sharding, storage
 from maxgemma.checkpoint import Checkpointer, check_same_architecture, model_config_from_dict
 from maxgemma.data import checkpointing as data_ckpt
 from maxgemma.data import pipeline
@@ -149,6 +149,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   state = _restore_or_create(cfg, setup, ckpt, data_iter, workdir)
   start = int(jax.device_get(state["step"]))
 
+  # A LoRA run trains on one base checkpoint throughout: the one its checkpoints record.
+  resumed_from = ckpt.latest_step()
+  extra_meta = lora.pin_base(setup.objective,
+                             None if resumed_from is None else ckpt.meta(resumed_from))
   frozen = setup.load_frozen()
   eval_step = lambda params, batch: setup.eval_step(params, batch, frozen)  # noqa: E731
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -195,7 +199,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if done % cfg.checkpoint.every == 0 or done == total or preempted:
           buffer.flush()  # never checkpoint past a step whose metrics were not checked
           ckpt.save(done, state, config=cfg, model_cfg=model_cfg,
-                    data_args=data_ckpt.data_save_args(data_iter))
+                    data_args=data_ckpt.data_save_args(data_iter), extra_meta=extra_meta)
         if preempted:
           logging.warning("preempted: checkpoint at step %d, exiting", done)
           break

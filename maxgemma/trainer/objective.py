@@ -11,7 +11,9 @@ says:
 - what one batch looks like (`batch_spec`) and its normalising weight (`weight`);
 - the sums of one (micro-)batch (`loss_sums`): the loss sum, the weight sum and named scalar
   float32 sums (`sums`) that add over micro-batches;
-- the metrics made of those sums (`metrics`) and the held-out figures (`eval_sums`).
+- the metrics made of those sums (`metrics`) and the held-out figures (`eval_sums`);
+- whether training draws random numbers (`needs_rng`; then `train_sums` takes a key: LoRA's
+  adapter dropout), while `loss_sums` and `eval_sums` stay deterministic.
 
 `NextToken` (next-token cross-entropy) is the pretraining objective. Batches are dicts of [B, L]
 arrays: `tokens`, `targets`, `positions`, `segment_ids`, `loss_weights`.
@@ -50,6 +52,7 @@ class Objective(abc.ABC):
   """
 
   sums: tuple[str, ...] = ()  # names of the scalar float32 sums `loss_sums` returns
+  needs_rng: bool = False  # True: the train step calls `train_sums` with a key
 
   def __init__(self, model_cfg: ModelConfig):
     self.model_cfg = model_cfg
@@ -87,6 +90,11 @@ class Objective(abc.ABC):
   def loss_sums(self, params: Any, batch: Batch, frozen: Any) -> LossSums:
     """(loss_sum, weight_sum, {name: sum for name in self.sums}) of one (micro-)batch."""
     raise NotImplementedError
+
+  def train_sums(self, params: Any, batch: Batch, frozen: Any, rng: jax.Array) -> LossSums:
+    """`loss_sums` of a training (micro-)batch drawing on `rng` (a key of the seed, the step and
+    the micro-batch index alone); called instead of `loss_sums` when `needs_rng`."""
+    return self.loss_sums(params, batch, frozen)
 
   @abc.abstractmethod
   def metrics(self, sums: dict[str, jax.Array], denom: jax.Array) -> dict[str, jax.Array]:

@@ -3,6 +3,10 @@
 The loss is normalised by the weight of the whole batch (`Objective.weight`), so k micro-batches
 give the same update as one batch of the same rows. Steps take `(state, batch, frozen)`: `frozen`
 holds the objective's frozen inputs (`{}` when it has none).
+
+An objective that trains with randomness (`Objective.needs_rng`: LoRA's adapter dropout) gets a
+key per micro-batch made of the seed, the step and the micro-batch index alone, so a resumed run
+draws what the straight run drew at the same step.
 """
 
 from __future__ import annotations
@@ -30,14 +34,27 @@ def _microbatches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(objective: Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum_steps: int = 1
-                    ) -> Callable[[State, Batch, Any], tuple[State, dict]]:
-  """The un-jitted step `(state, batch, frozen) -> (state, metrics)`."""
-  k = int(grad_accum_steps)
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+  """The key of a training step's randomness: `seed` (`train.seed`) and the step alone."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STREAM), step)
 
-  def normalised_loss(p, b, frozen, denom):  # the batch's weight is known before the model runs
-    total, weight, sums = objective.loss_sums(p, b, frozen)
+
+_STREAM = 0x5452  # keeps the steps' keys apart from the initialiser's (jax.random.key(seed))
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1, seed: int = 0
+                    ) -> Callable[[State, Batch, Any], tuple[State, dict]]:
+  """The un-jitted step `(state, batch, frozen) -> (state, metrics)`; `seed` (`train.seed`)
+  seeds the objective's randomness, if it has any (`Objective.needs_rng`)."""
+  k = int(grad_accum_steps)
+  random = bool(objective.needs_rng)
+
+  def normalised_loss(p, b, frozen, denom, rng=None):  # the weight is known before the model runs
+    if random:
+      total, weight, sums = objective.train_sums(p, b, frozen, rng)
+    else:
+      total, weight, sums = objective.loss_sums(p, b, frozen)
     return total / denom, (total, weight, sums)
 
   grad_fn = jax.grad(normalised_loss, has_aux=True)
@@ -46,20 +63,25 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
     params = state["params"]
     # Dividing the loss (a scalar) rather than the gradients saves a pass over every gradient.
     denom = objective.weight(batch)
+    key = step_key(seed, state["step"]) if random else None
     if k == 1:
-      grads, (total, weight, sums) = grad_fn(params, batch, frozen, denom)
+      rng = None if key is None else jax.random.fold_in(key, 0)
+      grads, (total, weight, sums) = grad_fn(params, batch, frozen, denom, rng)
     else:
-      def accumulate(carry, micro):
+      def accumulate(carry, xs):
         grads, (total, weight, sums) = carry
-        mb_grads, (mb_total, mb_weight, mb_sums) = grad_fn(params, micro, frozen, denom)
+        index, micro = xs if random else (None, xs)
+        rng = None if key is None else jax.random.fold_in(key, index)
+        mb_grads, (mb_total, mb_weight, mb_sums) = grad_fn(params, micro, frozen, denom, rng)
         grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, mb_grads)
         return (grads, (total + mb_total, weight + mb_weight,
                         jax.tree.map(jnp.add, sums, mb_sums))), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       sums0 = (jnp.zeros(()), jnp.zeros(()), {name: jnp.zeros(()) for name in objective.sums})
-      (grads, (total, weight, sums)), _ = jax.lax.scan(accumulate, (zeros, sums0),
-                                                       _microbatches(batch, k))
+      micro = _microbatches(batch, k)
+      xs = (jnp.arange(k), micro) if random else micro
+      (grads, (total, weight, sums)), _ = jax.lax.scan(accumulate, (zeros, sums0), xs)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
