@@ -8,7 +8,8 @@ the table between the markers in `docs/aot.md`; the compiled HLO text goes to
 
   .venv/bin/python benchmarks/aot_pods.py [--rows 7b_1pod,2b_2pods] [--keep]
 
-`--keep` keeps the rows of the existing JSON that are not re-run.
+`--keep` keeps the rows of the existing JSON that are not re-run; `--import_report NAME=FILE`
+takes a report compiled by hand (`python -m maxgemma.aot` with the row's flags and `--json_out`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "g2_2b_distill": ("configs/gemma2_2b_distill_v5e.py", (),
                       "Gemma 2 2B distilled from 9B, 2 v5e pods: per pod fsdp 256, data 2 over "
                       "DCN"),
+    # The Gemma 3 report's 4B and 12B layouts span 8 and 3 slices; one slice's program is the
+    # same for any number of slices, so 2 of them show the memory and the cross-slice sends.
+    "g3_4b_2048": ("configs/gemma3_4b_v5e_2048.py",
+                   ("--num_slices=2", "--config.mesh.dcn_data=2",
+                    "--config.train.global_batch=128"),
+                   "Gemma 3 4B, 2 of its 8 pods: per pod fsdp 16 x sequence 16, data over DCN"),
+    "g3_12b_v4": ("configs/gemma3_12b_v4_6144.py",
+                  ("--topology=v4:8x16x16", "--num_slices=2", "--config.mesh.dcn_data=2",
+                   "--config.train.global_batch=256"),
+                  "Gemma 3 12B, 2 of its 3 v4 8x16x16 slices: per slice data 8 x fsdp 16 x "
+                  "sequence 16, data over DCN"),
+    "g3_27b_v5p": ("configs/gemma3_27b_v5p_6144.py", ("--topology=v5p:8x24x32",),
+                   "Gemma 3 27B, v5p 8x24x32: data 32 x fsdp 24 x sequence 8"),
 }
 
 
@@ -80,26 +94,50 @@ def run_row(name: str, timeout: int) -> dict:
   return row
 
 
+def imported_row(name: str, report: dict) -> dict:
+  """The row of a report compiled outside this script with the row's own flags."""
+  config, extra, what = ROWS[name]
+  cmd = ["python", "-m", "maxgemma.aot", f"--config={config}", *extra]
+  batch = next((int(a.split("=", 1)[1]) for a in extra if a.startswith(
+      "--config.train.global_batch=")), report["global_batch"])
+  if report["global_batch"] != batch:
+    raise SystemExit(f"{name}: the report's global batch {report['global_batch']} is not the "
+                     f"row's {batch}")
+  return {"name": name, "what": what, "command": " ".join(cmd),
+          "wall_s": round(report["lower_s"] + report["compile_s"], 1), **report, "ok": True}
+
+
 def table(rows: list[dict]) -> str:
   """The markdown table of the rows."""
   head = ("| layout | chips | global batch (tokens) | peak / chip (of usable HBM) "
           "| arguments / chip | temporaries / chip | model TFLOPs / step | roofline step "
-          "| step at 50% MFU | DCN bytes / chip / step | compile (trace + TPU compile) |")
-  lines = [head, "|---|" + "---:|" * 10]
+          "| step at 50% MFU | ICI bytes / chip / step | DCN bytes / chip / step "
+          "| step bounds: compute / ICI / DCN | compile (trace + TPU compile) |")
+  lines = [head, "|---|" + "---:|" * 12]
   g = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
   for r in rows:
     if not r.get("ok"):
-      lines.append(f"| {r['what']} | | | does not fit: {r['error']} | | | | | | | |")
+      lines.append(f"| {r['what']} | | | does not fit: {r['error']} | | | | | | | | | |")
       continue
     m = r["memory"]
     dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
+    # ICI bytes and the bounds (maxgemma.hlo.ici_collectives) are in the reports compiled since
+    # they were added; older rows show "-" until recompiled.
+    ici = f"{r['ici_bytes_per_chip'] / 2**30:.1f} GiB" if "ici_bytes_per_chip" in r else "-"
+    b = r.get("step_bounds_s")
+    bounds = "-"
+    if b:
+      dcn_s = f"{b['dcn']:.2f} s" if r["num_slices"] > 1 else "-"
+      if r["num_slices"] > 1 and not b["dcn"] and r["dcn_allreduce_bytes_per_chip"]:
+        dcn_s = "no DCN figure"  # maxgemma.hardware has none for this chip (v4)
+      bounds = f"{b['compute']:.2f} s / {b['ici']:.2f} s / {dcn_s}"
     lines.append(
         f"| {r['what']} | {r['chips']} | {r['global_batch']} x {r['seq_len']} "
         f"({r['tokens_per_step'] / 1e6:.2f}M) | {m['peak_bytes'] / 2**30:.2f} of "
         f"{g(m['usable_hbm_bytes'])} {r['chip']} | {g(m['argument_bytes'])} "
         f"| {g(m['temp_bytes'])} | {r['model_flops_per_step'] / 1e12:,.0f} "
-        f"| {r['roofline_step_s']:.2f} s | {r['step_s_at_target_mfu']:.2f} s | {dcn} "
-        f"| {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")
+        f"| {r['roofline_step_s']:.2f} s | {r['step_s_at_target_mfu']:.2f} s | {ici} | {dcn} "
+        f"| {bounds} | {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")
   return "\n".join(lines)
 
 
@@ -110,9 +148,24 @@ def main() -> None:
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
   parser.add_argument("--render", action="store_true",
                       help="compile nothing: rewrite docs/aot.md's table from the JSON")
+  parser.add_argument("--import_report", action="append", default=[], metavar="NAME=FILE",
+                      help="compile nothing for NAME: take the report `maxgemma.aot --json_out` "
+                           "wrote (run with the row's flags) and keep the other rows")
   args = parser.parse_args()
   if args.render:
     write_doc(json.loads(RESULTS.read_text()))
+    return
+  if args.import_report:
+    result = json.loads(RESULTS.read_text())
+    old = {r["name"]: r for r in result["rows"]}
+    for item in args.import_report:
+      name, _, path = item.partition("=")
+      if name not in ROWS:
+        parser.error(f"unknown row {name!r}; known: {', '.join(ROWS)}")
+      old[name] = imported_row(name, json.loads(Path(path).read_text()))
+    result["rows"] = [old[n] for n in ROWS if n in old]
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_doc(result)
     return
   names = [n for n in args.rows.split(",") if n]
   unknown = set(names) - set(ROWS)
