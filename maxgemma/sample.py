@@ -364,13 +364,17 @@ def load_sharded(workdir: str, step: int | None, mesh: Mesh, dtype: str | None =
 
   Orbax reads each device's shard straight into its sharding, cast to the compute dtype, so no
   device ever holds the whole model; a scanned checkpoint is then split into layers on device.
+  A LoRA run's checkpoint gives the merged model (`_load_lora`).
   """
   from maxgemma.checkpoint import Checkpointer, model_config_from_dict  # noqa: PLC0415
 
   ckpt = Checkpointer(workdir, read_only=True)
   try:
     step = ckpt.step_or_latest(step)
-    saved = model_config_from_dict(ckpt.meta(step)["model"])
+    meta = ckpt.meta(step)
+    if ((meta.get("config") or {}).get("lora") or {}).get("targets"):
+      return _load_lora(workdir, step, mesh, dtype)
+    saved = model_config_from_dict(meta["model"])
     cfg = decode_config(saved, dtype)
     stored = cfg.replace(scan_layers=saved.scan_layers)
     boxed = abstract_params(stored)
@@ -381,6 +385,21 @@ def load_sharded(workdir: str, step: int | None, mesh: Mesh, dtype: str | None =
   if "layers" in params:
     params = jax.jit(unstack_layers, out_shardings=param_shardings(cfg, mesh))(params)
   return params, cfg, step
+
+
+def _load_lora(workdir: str, step: int, mesh: Mesh, dtype: str | None
+               ) -> tuple[dict, ModelConfig, int]:
+  """A LoRA run's checkpoint as the merged model: the base checkpoint the run recorded (or the
+  fresh init of its train.seed) with the adapters merged in, layer by layer on the host
+  (`peft_format.MergedReader`, as the merged export), then placed on `mesh`."""
+  from maxgemma.convert import peft_format  # noqa: PLC0415
+  from maxgemma.convert.checkpoint_reader import CheckpointReader  # noqa: PLC0415
+
+  reader = peft_format.MergedReader(peft_format.lora_run(CheckpointReader(workdir, step)))
+  cfg = decode_config(reader.config, dtype)
+  params = {**reader.embedder_and_final_norm(),
+            **{f"layer_{i}": reader.block(i) for i in range(cfg.num_layers)}}
+  return place(params, param_shardings(cfg, mesh), cfg), cfg, step
 
 
 # ---------------------------------------------------------------------------- memory on a TPU

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maxgemma import checkpoint, lora, sharding
+from maxgemma import checkpoint, lora, sample, sharding
 from maxgemma import config as config_lib
 from maxgemma.convert import peft_format
 from maxgemma.convert.checkpoint_reader import CheckpointReader
@@ -337,8 +337,9 @@ def _base_workdir(path: str, cfg, params, step: int) -> None:
 
 def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
   """The run records the base's workdir and latest step; once the base holds a newer checkpoint,
-  the resumed run's base and the merged export are still that step; a recorded step that is gone,
-  or another config.lora.base, is refused in one line naming the base and the step."""
+  the resumed run's base, the merged export and the sampler's merged model are still that step;
+  a recorded step that is gone, or another config.lora.base, is refused in one line naming the
+  base and the step."""
   base = str(tmp_path / "base")
   cfg = tiny_config(**{"lora.targets": "q,down", "lora.rank": 2, "lora.base": base})
   model_cfg = config_lib.model_config(cfg)
@@ -360,12 +361,19 @@ def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
   run_dir = str(tmp_path / "run")
   ckpt = checkpoint.Checkpointer(run_dir, ml_collections.ConfigDict(dict(
       keep_last=0, keep_every=0, async_save=False)))
-  adapters = lora.init_adapters(setup.objective.abstract_params(), jax.random.key(1))
+  adapters = random_adapters(setup.objective.abstract_params(), 2)
   ckpt.save(2, {"params": adapters}, config=cfg, model_cfg=model_cfg, extra_meta=recorded)
   ckpt.close()
   run = peft_format.lora_run(CheckpointReader(run_dir))
   assert (run.base, run.base_step) == (base, 4)
   assert peft_format.MergedReader(run).base.step == 4
+  sampled, _, _ = sample.load_sharded(run_dir, None, sample.single_device_mesh(), "float32")
+  merged = lora.merge(params, adapters, setup.objective._boxed_base, alpha=cfg.lora.alpha,
+                      rank=cfg.lora.rank)  # onto step 4's weights
+  for i in (0, model_cfg.num_layers - 1):
+    for path in (("attn", "q_einsum", "w"), ("mlp", "linear")):
+      np.testing.assert_allclose(np.asarray(lora._get(sampled[f"layer_{i}"], path)),
+                                 np.asarray(lora._get(merged["layers"], path))[i], atol=1e-6)
 
   other = build(_with(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2}),
                       **{"lora.base": str(tmp_path / "elsewhere")}),
