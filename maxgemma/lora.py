@@ -312,7 +312,8 @@ class LoRA(Objective):
     """Fixes the base checkpoint the run trains on: `recorded` (a checkpoint meta's `lora_base`,
     `{"workdir", "step"}`, of the run being resumed), else the base's latest; returns the meta
     entry to record (`{}` for a fresh-init base). Refuses in one line a recorded base that is
-    not `config.lora.base`, or whose step is gone."""
+    not `config.lora.base`, or whose step is gone. A DPO reference that is the policy's start
+    (config.dpo.reference empty) is pinned to the same step."""
     if not self.base:
       return {}
     from maxgemma.trainer import frozen  # noqa: PLC0415
@@ -336,6 +337,8 @@ class LoRA(Objective):
     else:
       step, _ = frozen.latest_checkpoint(self.base, key)
     self.base_step = step
+    if getattr(self.inner, "reference_is_start", False):  # DPO's reference: the same base
+      self.inner.reference_step = step
     return {"lora_base": {"workdir": self.base, "step": step}}
 
   def merged(self, adapters: Any, base: Any) -> Any:

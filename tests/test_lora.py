@@ -337,9 +337,9 @@ def _base_workdir(path: str, cfg, params, step: int) -> None:
 
 def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
   """The run records the base's workdir and latest step; once the base holds a newer checkpoint,
-  the resumed run's base, the merged export and the sampler's merged model are still that step;
-  a recorded step that is gone, or another config.lora.base, is refused in one line naming the
-  base and the step."""
+  the resumed run's base (and DPO's reference, when it is the base), the merged export and the
+  sampler's merged model are still that step; a recorded step that is gone, or another
+  config.lora.base, is refused in one line naming the base and the step."""
   base = str(tmp_path / "base")
   cfg = tiny_config(**{"lora.targets": "q,down", "lora.rank": 2, "lora.base": base})
   model_cfg = config_lib.model_config(cfg)
@@ -357,6 +357,13 @@ def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
     np.testing.assert_array_equal(x, y)  # step 4's weights, not step 9's
   fresh = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   assert lora.pin_base(fresh.objective, None)["lora_base"]["step"] == 9  # a new run: the latest
+  dpo_run = build(_with(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2,
+                                       "lora.base": base}), **{"dpo.enabled": True}),
+                  sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+  lora.pin_base(dpo_run.objective, recorded)
+  reference = jax.device_get(dpo_run.load_frozen()["reference"])  # DPO's reference: the base
+  for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(x, y)
 
   run_dir = str(tmp_path / "run")
   ckpt = checkpoint.Checkpointer(run_dir, ml_collections.ConfigDict(dict(

@@ -89,6 +89,9 @@ class DPO(Objective):
       raise ValueError(f"the DPO reference's vocabulary ({self.reference_cfg.vocab_size}) differs "
                        f"from the policy's ({model_cfg.vocab_size}); DPO needs one tokenizer")
     self._load_reference = load_reference
+    # The reference is the policy's starting weights (config.dpo.reference empty): a LoRA run
+    # pins it to its base's step (`lora.LoRA.pin_base` sets `reference_step`).
+    self.reference_is_start, self.reference_step = False, None
 
   def weight(self, batch: Batch) -> jax.Array:
     return jnp.maximum(jnp.sum(pair_mask(batch)), 1.0)
@@ -104,6 +107,8 @@ class DPO(Objective):
     if self._load_reference is None:
       raise ValueError("the DPO objective has no reference model: pass load_reference "
                        "(a function of the reference shardings returning its parameters)")
+    if self.reference_step is not None:
+      return {"reference": self._load_reference(shardings["reference"], self.reference_step)}
     return {"reference": self._load_reference(shardings["reference"])}
 
   def _sums(self, params: Any, batch: Batch, frozen: Any) -> LossSums:
@@ -183,7 +188,10 @@ def from_config(cfg: Any, model_cfg: ModelConfig) -> DPO:
   checkpoint, or ("") the policy's starting weights."""
   if cfg.dpo.reference:
     check_reference(cfg, model_cfg, str(cfg.dpo.reference))
-  return DPO(model_cfg, beta=float(cfg.dpo.beta), label_smoothing=float(cfg.dpo.label_smoothing),
-             load_reference=params_loader(
-                 model_cfg, str(cfg.dpo.reference or cfg.get("lora", {}).get("base", "")),
-                 int(cfg.train.seed)))
+  objective = DPO(model_cfg, beta=float(cfg.dpo.beta),
+                  label_smoothing=float(cfg.dpo.label_smoothing),
+                  load_reference=params_loader(
+                      model_cfg, str(cfg.dpo.reference or cfg.get("lora", {}).get("base", "")),
+                      int(cfg.train.seed)))
+  objective.reference_is_start = not cfg.dpo.reference
+  return objective
