@@ -16,6 +16,7 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -177,7 +178,8 @@ def test_fresh_optimizer_then_exact_resume(imported, chats, tmp_path, caplog):
   update's learning rate is the schedule's at 0); resumed from its step-3 checkpoint it ends with
   the parameters and losses of the straight 6 steps bit for bit, for full SFT and for LoRA on the
   imported base with adapter dropout (a mask per step, drawn again on resume); the LoRA run's
-  checkpoints record the base step it trains on."""
+  checkpoints record the base step it trains on, which the resumed run loads though the base
+  has a newer checkpoint by then."""
   lr = 1e-3
   common = {"train.global_batch": 8, "train.steps": 6, "checkpoint.every": 3,
             "checkpoint.keep_last": 0, "optim.warmup_steps": 2, "optim.learning_rate": lr,
@@ -198,12 +200,19 @@ def test_fresh_optimizer_then_exact_resume(imported, chats, tmp_path, caplog):
   assert "fresh optimizer" not in caplog.text
   _assert_same_run(straight, resumed)
 
-  lora = {**common, "lora.base": imported, "lora.targets": "q,v,down", "lora.rank": 4,
+  base = copy_of(imported, tmp_path, "lora_base")
+  lora = {**common, "lora.base": base, "lora.targets": "q,v,down", "lora.rank": 4,
           "lora.dropout": 0.2}
   lora_straight = str(tmp_path / "lora_straight")
   train(sft_config(chats, **lora), lora_straight)
   ckpt = checkpoint.Checkpointer(lora_straight, read_only=True)
-  assert ckpt.meta(6)["lora_base"] == {"workdir": imported, "step": 0}
+  assert ckpt.meta(6)["lora_base"] == {"workdir": base, "step": 0}
+  ckpt.close()
+  # The base moves on (a newer checkpoint): the resumed run still trains on its step 0.
+  params, model_cfg, _ = checkpoint.load_params(base, 0)
+  ckpt = checkpoint.Checkpointer(base, ml_collections.ConfigDict(dict(
+      keep_last=0, keep_every=0, async_save=False)))
+  ckpt.save(5, {"params": jax.tree.map(lambda x: x + 0.5, params)}, model_cfg=model_cfg)
   ckpt.close()
   _assert_same_run(lora_straight, _resume_from_step_3(lora_straight, sft_config(chats, **lora)))
 
