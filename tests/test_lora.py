@@ -341,7 +341,8 @@ def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
   sampler's merged model are still that step; a recorded step that is gone, or another
   config.lora.base, is refused in one line naming the base and the step."""
   base = str(tmp_path / "base")
-  cfg = tiny_config(**{"lora.targets": "q,down", "lora.rank": 2, "lora.base": base})
+  cfg = tiny_config(**{"lora.targets": "q,down", "lora.rank": 2, "lora.base": base,
+                       "lora.dropout": 0.2})
   model_cfg = config_lib.model_config(cfg)
   params = jax.device_get(jax.jit(lambda: state_lib.init_params(model_cfg, jax.random.key(3)))())
   _base_workdir(base, cfg, params, 4)
@@ -373,6 +374,7 @@ def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
   ckpt.close()
   run = peft_format.lora_run(CheckpointReader(run_dir))
   assert (run.base, run.base_step) == (base, 4)
+  assert peft_format.peft_config(run, "")["lora_dropout"] == 0.2
   assert peft_format.MergedReader(run).base.step == 4
   sampled, _, _ = sample.load_sharded(run_dir, None, sample.single_device_mesh(), "float32")
   merged = lora.merge(params, adapters, setup.objective._boxed_base, alpha=cfg.lora.alpha,

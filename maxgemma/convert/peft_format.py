@@ -57,6 +57,7 @@ class LoraRun:
   seed: int
   adapters: dict
   base_step: int | None = None  # the base checkpoint the run trained on (None: not recorded)
+  dropout: float = 0.0  # config.lora.dropout (PEFT's lora_dropout; training only)
 
   @property
   def config(self) -> ModelConfig:
@@ -84,7 +85,8 @@ def lora_run(reader: CheckpointReader) -> LoraRun | None:
   return LoraRun(reader, lora.parse_targets(str(c["targets"])), int(c["rank"]),
                  float(c["alpha"]), str(pinned.get("workdir", c.get("base")) or ""),
                  int((train_cfg.get("train") or {}).get("seed", 0)), adapters,
-                 None if pinned.get("step") is None else int(pinned["step"]))
+                 None if pinned.get("step") is None else int(pinned["step"]),
+                 float(c.get("dropout") or 0.0))
 
 
 def not_lora_error(workdir: str) -> ValueError:
@@ -174,7 +176,7 @@ def peft_config(run: LoraRun, base_model: str) -> dict[str, Any]:
   alpha = int(run.alpha) if float(run.alpha).is_integer() else run.alpha
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": run.rank, "lora_alpha": alpha,
           "target_modules": sorted(HF_MODULES[t].split(".")[-1] for t in run.targets),
-          "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+          "lora_dropout": run.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
           "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
           "inference_mode": True, "base_model_name_or_path": base_model or run.base or None,
           "revision": None}
