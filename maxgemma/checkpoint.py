@@ -69,6 +69,15 @@ def check_same_architecture(saved: ModelConfig, current: ModelConfig, where: str
     raise ValueError(f"{where} holds checkpoints of a different model ({'; '.join(diffs)}); {fix}")
 
 
+def _write_arrays_whole() -> None:
+  """Has orbax write each array from its first replica (replica 0's shards), not slice it across
+  replicas. Replica-parallel writes spread one array's bytes over the hosts holding copies of it;
+  in a single process every replica is on the one host, so slicing only adds a small compiled
+  slice program per replicated shard at the first save."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """Saves and restores train states (with the data position) in `workdir/checkpoints`."""
 
@@ -82,6 +91,8 @@ class Checkpointer:
         keep_period=int(ckpt_cfg.keep_every) or None,
         enable_async_checkpointing=bool(ckpt_cfg.async_save),
         create=not read_only, read_only=read_only)
+    if jax.process_count() == 1:
+      _write_arrays_whole()
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:

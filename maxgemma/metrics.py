@@ -25,7 +25,7 @@ from maxgemma import hardware, storage
 from maxgemma.hardware import known_peak_flops
 
 
-def measure_cpu_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
+def measure_cpu_matmul_peak(dtype=jnp.float32, size: int = 1024, repeats: int = 3) -> float:
   """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device, best of `repeats`.
 
   Used as the "peak" on CPUs, which have no data-sheet figure here.
@@ -91,6 +91,23 @@ def to_scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
     scalar = arr.reshape(()).item()
     out[name] = int(scalar) if isinstance(scalar, bool) else scalar
   return out
+
+
+def _summary_writer_class() -> type:
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX imports torch when it is installed, only to accept torch tensors (about 3 s of a
+  trainer's start-up); every value written here is a Python float, so torch is hidden from that
+  one import."""
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX goes without it
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class MetricsBuffer:
@@ -188,7 +205,7 @@ class MetricsWriter:
     if not remote:
       os.makedirs(workdir, exist_ok=True)
     if tensorboard:
-      from tensorboardX import SummaryWriter
+      SummaryWriter = _summary_writer_class()
       if remote:
         self._tb_staging = tempfile.mkdtemp(prefix="maxgemma-tensorboard-")
       self._tb = SummaryWriter(logdir=self._tb_staging or self._tb_dir)
