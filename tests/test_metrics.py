@@ -181,3 +181,22 @@ def test_non_scalar_metric_raises(tmp_path):
   with MetricsWriter(str(tmp_path), console=False, tensorboard=False) as writer:
     with pytest.raises(ValueError, match="scalar"):
       writer.write(1, {"hist": np.zeros(3)})
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch when it is installed (seconds of every trainer's start-up); the
+  writer hides it, writes its events, and leaves torch importable afterwards."""
+  import importlib.util
+  import subprocess
+  import sys
+  if importlib.util.find_spec("torch") is None:
+    pytest.skip("torch is not installed: nothing to hide")
+  code = ("import sys\n"
+          "from maxgemma.metrics import MetricsWriter\n"
+          f"w = MetricsWriter({str(tmp_path)!r}, tensorboard=True)\n"
+          "w.write(1, {'loss': 2.5}); w.close()\n"
+          "assert 'torch' not in sys.modules, 'torch was imported'\n"
+          "import torch\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
