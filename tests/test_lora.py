@@ -255,10 +255,10 @@ def test_unmerged_dropout_matches_numpy_on_every_projection():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 5, module.D)).astype(np.float32)
   h = rng.normal(size=(2, 5, module.N, module.H)).astype(np.float32)
-  boxed = module.init(jax.random.key(0), x, h)["params"]
-  params = nn.unbox(boxed)
+  boxed = jax.eval_shape(module.init, jax.random.key(0), x, h)["params"]
+  params = jax.jit(lambda: nn.unbox(module.init(jax.random.key(0), x, h)["params"]))()
   adapters = random_adapters(lora.abstract_adapters(boxed, ALL, rank), 1)
-  tree = lora.with_adapters(params, adapters, jax.random.key(5))
+  tree = jax.jit(lambda p, a: lora.with_adapters(p, a, jax.random.key(5)))(params, adapters)
   with lora.unmerged(alpha=alpha, rank=rank, dropout=p):
     q, kv, o, ffw = jax.jit(lambda t: module.apply({"params": t}, x, h))(tree)
 
