@@ -17,15 +17,15 @@ def get_config():
   c.model.flatten_matmuls = True  # 2-D matmuls: faster on CPU (docs/performance.md)
   c.mesh.ici_data = 4
   c.mesh.ici_tensor = 2
-  c.train.steps = 160
+  c.train.steps = 120
   c.train.global_batch = 16
   c.train.seq_len = 128
   c.train.eval_every = 60
   c.train.eval_steps = 2
   c.optim.learning_rate = 3e-3
   c.optim.warmup_steps = 20
-  c.optim.decay_steps = 160  # fixed, so a run stopped early and resumed follows the same schedule
+  c.optim.decay_steps = 120  # fixed, so a run stopped early and resumed follows the same schedule
   c.optim.weight_decay = 0.01
   c.checkpoint.every = 60
-  c.metrics.log_every = 10
+  c.metrics.log_every = 5
   return c

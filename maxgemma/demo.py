@@ -20,7 +20,7 @@ import time
 
 WORKDIR = os.environ.get("MAXGEMMA_DEMO_DIR", "runs/demo")
 CONFIG = "configs/demo.py"
-RESUME_AT = 120  # of configs/demo.py's train.steps
+RESUME_AT = 60  # of configs/demo.py's train.steps
 PROMPT = "The module provides functions to"
 MIN_DROP = 1.5  # nats the loss must fall by for the demo to count as trained
 
