@@ -247,3 +247,26 @@ def test_nan_skip_policy_finishes_with_finite_weights(tmp_path, caplog):
   params, _, step = checkpoint.load_params(str(tmp_path))
   assert step == 5
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_persistent_cache_is_turned_off_for_steps_on_several_cpu_devices(tmp_path):
+  """A run on several CPU devices turns a configured persistent compilation cache off (XLA:CPU
+  steps loaded from it can deadlock in collectives); one device, or no cache, is left alone."""
+  from jax.sharding import Mesh
+
+  from maxgemma.trainer import loop
+  saved = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
+  eight = Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",))
+  one = Mesh(np.array(jax.devices()[:1]).reshape(1), ("data",))
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert not loop._persistent_cache_off_for_cpu_collectives(eight)  # no cache configured
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_enable_compilation_cache", True)
+    assert not loop._persistent_cache_off_for_cpu_collectives(one)
+    assert jax.config.jax_enable_compilation_cache
+    assert loop._persistent_cache_off_for_cpu_collectives(eight)
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_enable_compilation_cache", saved[0])
+    jax.config.update("jax_compilation_cache_dir", saved[1])

@@ -112,6 +112,23 @@ def _stop_trace(trace_dir: str, workdir: str) -> None:
     shutil.rmtree(trace_dir, ignore_errors=True)
 
 
+def _persistent_cache_off_for_cpu_collectives(mesh: jax.sharding.Mesh) -> bool:
+  """Turns jax's persistent compilation cache off (with a warning) for a run on several CPU
+  devices; returns whether it did.
+
+  A multi-device XLA:CPU train step loaded from that cache can stop in a collective (devices
+  waiting on different all-gathers and all-reduces of one launch until XLA aborts the process);
+  freshly compiled steps run. docs/performance.md has the details."""
+  if (mesh.devices.flat[0].platform != "cpu" or mesh.size < 2
+      or not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir):
+    return False
+  logging.warning("the persistent compilation cache (%s) is off for this run: XLA:CPU train steps "
+                  "on %d devices loaded from it can deadlock in their collectives",
+                  jax.config.jax_compilation_cache_dir, mesh.size)
+  jax.config.update("jax_enable_compilation_cache", False)
+  return True
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains to `cfg.train.steps`, resuming from `workdir`; returns the last logged metrics.
 
@@ -137,6 +154,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   logging.info("config:\n%s", cfg)
 
   mesh = sharding.make_mesh(cfg.mesh)
+  _persistent_cache_off_for_cpu_collectives(mesh)
   plan = feed.for_config(cfg, mesh)
   logging.info("%s", plan.describe())
   total = int(cfg.train.steps)
