@@ -11,7 +11,13 @@ import os
 import numpy as np
 import pytest
 
-from configs import gemma3_1b_v5e_512, gemma_2b_v5e_2pods, gemma_7b_v5e_1pod, gemma_7b_v5e_16pods
+from configs import (
+  gemma3_1b_v5e_512,
+  gemma3_4b_v5e_2048,
+  gemma_2b_v5e_2pods,
+  gemma_7b_v5e_1pod,
+  gemma_7b_v5e_16pods,
+)
 from maxgemma import feed, sharding
 from maxgemma.data import pipeline
 
@@ -40,13 +46,14 @@ def expected_rows(mesh, global_batch: int) -> dict[int, set[int]]:
 
 
 @pytest.mark.parametrize("module,slices", [(gemma_7b_v5e_1pod, 1), (gemma_2b_v5e_2pods, 2),
-                                           (gemma_7b_v5e_16pods, 2), (gemma3_1b_v5e_512, 2)])
+                                           (gemma_7b_v5e_16pods, 2), (gemma3_1b_v5e_512, 2),
+                                           (gemma3_4b_v5e_2048, 2)])
 def test_pod_feed_plan_loads_exactly_the_rows_each_host_holds(module, slices):
   cfg = module.get_config()
   devices = topology("v5e:16x16", slices)
-  if slices > 1 and cfg.mesh.dcn_data != slices:  # the 16-pod config, checked on 2 of them
+  if slices > 1 and cfg.mesh.dcn_data != slices:  # the 16- and 8-pod configs, on 2 of the pods
+    cfg.train.global_batch = cfg.train.global_batch // cfg.mesh.dcn_data * slices
     cfg.mesh.dcn_data = slices
-    cfg.train.global_batch = cfg.train.global_batch // 16 * slices
   mesh = sharding.make_mesh(cfg.mesh, devices)
   B = cfg.train.global_batch
   plan = feed.plan(mesh, B, pipeline.loader_shard_count(cfg.data, B))
