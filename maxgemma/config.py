@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       end_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
       moments_dtype="float32", grad_accum_steps=1, z_loss=0.0,
       decay_embeddings=False,  # True: weight decay on the input embedding too
+      offload_state=False,  # True: the optimizer state lives in pinned host memory between steps
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+from maxgemma import checkpoint, sharding
 from maxgemma import config as config_lib
-from maxgemma import sharding
 from maxgemma.trainer.build import build
 from maxgemma.trainer.objective import NextToken
 
@@ -96,6 +96,51 @@ def test_gradient_accumulation_equals_one_big_batch(reference):
   cfg.optim.grad_accum_steps = 4
   losses, _ = run_losses(cfg, jax.devices())
   np.testing.assert_allclose(losses, reference, rtol=TOLERANCE)
+
+
+def test_optimizer_state_kept_in_host_memory_trains_alike(reference, tmp_path):
+  """optim.offload_state: the Adam moments live in pinned host memory between steps (the step
+  brings them in and sends them back), the losses are one device's, and a checkpoint of the
+  state restores into host memory with the same values."""
+  cfg = make_config(ici_fsdp=8)
+  cfg.optim.offload_state = True
+  losses, state = run_losses(cfg, jax.devices())
+  np.testing.assert_allclose(losses, reference, rtol=TOLERANCE)
+
+  def kinds(tree):
+    return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+  assert kinds(state["opt_state"]) == {"pinned_host"}
+  assert kinds(state["params"]) == {"device"}
+  setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), cfg.checkpoint)
+  ckpt.save(STEPS, state)
+  ckpt.wait()
+  restored = ckpt.restore(STEPS, setup.abstract_state, setup.shardings)
+  ckpt.close()
+  assert kinds(restored["opt_state"]) == {"pinned_host"}
+  for a, b in zip(jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(state["opt_state"]),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_host_memory_offload_is_refused_on_devices_without_it():
+  """Offloading the optimizer state or activations to devices without pinned host memory: one
+  line naming the key."""
+  from types import SimpleNamespace
+
+  from maxgemma.model.config import ModelConfig
+  from maxgemma.trainer import build as build_lib
+  device = SimpleNamespace(platform="gpu",
+                           addressable_memories=lambda: [SimpleNamespace(kind="device")])
+  mesh = SimpleNamespace(devices=np.array([device], dtype=object))
+  model_cfg = config_lib.model_config(make_config())
+  build_lib._check_host_memory(model_cfg, False, mesh)  # nothing offloaded: nothing to refuse
+  with pytest.raises(ValueError, match=r"config\.optim\.offload_state=True .* gpu devices have "
+                     r"none \(memories: device\); set config\.optim\.offload_state=False"):
+    build_lib._check_host_memory(model_cfg, True, mesh)
+  offloading = ModelConfig(**{**model_cfg.__dict__, "remat_policy": "offload_names"})
+  with pytest.raises(ValueError, match=r"config\.model\.remat_policy=offload_names"):
+    build_lib._check_host_memory(offloading, False, mesh)
 
 
 def test_leaves_are_sharded_as_the_rules_say():

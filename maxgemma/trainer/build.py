@@ -82,20 +82,34 @@ class Setup:
             attach(self.frozen_abstract, self.frozen_shardings))
 
 
-def _check_host_memory(model_cfg: ModelConfig, mesh: Mesh) -> None:
-  """Refuses a remat policy that offloads to host memory on devices that have none."""
-  if not model_cfg.offloads():
-    return
+def _host_memory_missing(mesh: Mesh) -> str:
+  """'' when the mesh's devices have pinned host memory (or list no memories, as the devices of a
+  described TPU topology do); else their platform and memory kinds, for an error message."""
   device = mesh.devices.flat[0]
   try:
     kinds = {m.kind for m in device.addressable_memories()}
-  except Exception:  # noqa: BLE001 (devices of a described TPU topology list no memories)
-    return
-  if "pinned_host" not in kinds:
+  except Exception:  # noqa: BLE001
+    return ""
+  if "pinned_host" in kinds:
+    return ""
+  return f"{device.platform} devices have none (memories: {', '.join(sorted(kinds))})"
+
+
+def _check_host_memory(model_cfg: ModelConfig, offload_state: bool, mesh: Mesh) -> None:
+  """Refuses offloading activations or the optimizer state on devices without host memory."""
+  missing = _host_memory_missing(mesh) if model_cfg.offloads() or offload_state else ""
+  if missing and model_cfg.offloads():
     raise ValueError(f"config.model.remat_policy={model_cfg.remat_policy} offloads activations "
-                     f"to pinned host memory, which {device.platform} devices do not have "
-                     f"(memories: {', '.join(sorted(kinds))}); save or recompute them instead "
+                     f"to pinned host memory, which {missing}; save or recompute them instead "
                      "(remat_policy save_names, or remat_names without :offload)")
+  if missing:
+    raise ValueError(f"config.optim.offload_state=True keeps the optimizer state in pinned host "
+                     f"memory, which {missing}; set config.optim.offload_state=False")
+
+
+def _offloaded(shardings: Any) -> Any:
+  """The same shardings in pinned host memory."""
+  return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings)
 
 
 def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
@@ -115,18 +129,24 @@ def build(cfg: ml_collections.ConfigDict, mesh: Mesh,
     objective = chosen(cfg, model_cfg)
     if lora.enabled(cfg):
       objective = lora.wrap(cfg, objective)
-  _check_host_memory(model_cfg, mesh)
+  offload_state = bool(cfg.optim.offload_state)
+  _check_host_memory(model_cfg, offload_state, mesh)
   total = int(cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, total)
   schedule = optim.learning_rate_schedule(cfg.optim, total)
   abstract, shardings = state_lib.state_shardings(objective.abstract_params(), tx, mesh, cfg.mesh)
+  device_opt_shardings = shardings["opt_state"]
+  if offload_state:  # kept on the host between steps; the step brings it in and sends it back
+    shardings = {**shardings, "opt_state": _offloaded(device_opt_shardings)}
   frozen_abstract, frozen_shardings = state_lib.frozen_shardings(objective.frozen_abstract(),
                                                                  mesh, cfg.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   step = step_lib.make_train_step(objective, tx, schedule,
                                   grad_accum_steps=int(cfg.optim.grad_accum_steps),
-                                  seed=int(cfg.train.seed))
+                                  seed=int(cfg.train.seed),
+                                  opt_state_shardings=device_opt_shardings if offload_state
+                                  else None)
   train_step = jax.jit(step, in_shardings=(shardings, batch_sharding, frozen_shardings),
                        out_shardings=(shardings, replicated), donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(objective),

@@ -43,10 +43,13 @@ _STREAM = 0x5452  # keeps the steps' keys apart from the initialiser's (jax.rand
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum_steps: int = 1, seed: int = 0
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1, seed: int = 0,
+                    opt_state_shardings: Any = None
                     ) -> Callable[[State, Batch, Any], tuple[State, dict]]:
   """The un-jitted step `(state, batch, frozen) -> (state, metrics)`; `seed` (`train.seed`)
-  seeds the objective's randomness, if it has any (`Objective.needs_rng`)."""
+  seeds the objective's randomness, if it has any (`Objective.needs_rng`). With
+  `opt_state_shardings` (device-memory shardings of an optimizer state that arrives in host
+  memory) the step moves the state onto the devices before the update."""
   k = int(grad_accum_steps)
   random = bool(objective.needs_rng)
 
@@ -83,13 +86,16 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation,
       xs = (jnp.arange(k), micro) if random else micro
       (grads, (total, weight, sums)), _ = jax.lax.scan(accumulate, (zeros, sums0), xs)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    old_opt_state = state["opt_state"]
+    if opt_state_shardings is not None:
+      old_opt_state = jax.device_put(old_opt_state, opt_state_shardings)
+    updates, opt_state = tx.update(grads, old_opt_state, params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     # A non-finite step changes nothing: the host stops (or skips on) with the state intact.
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
-                 "opt_state": keep(opt_state, state["opt_state"])}
+                 "opt_state": keep(opt_state, old_opt_state)}
     metrics = {**objective.metrics(sums, denom), "grad_norm": grad_norm,
                "param_norm": optax.global_norm(params), "learning_rate": schedule(state["step"]),
                "tokens": weight, "finite": finite}
