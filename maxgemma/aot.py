@@ -129,6 +129,9 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
       "generated_code_bytes": int(mem.generated_code_size_in_bytes),
       "peak_bytes": peak,
       "usable_hbm_bytes": chip.usable_hbm_bytes,
+      # Host memory of the program (offloaded activations, an offloaded optimizer state).
+      "host_argument_bytes": int(getattr(mem, "host_argument_size_in_bytes", 0) or 0),
+      "host_temp_bytes": int(getattr(mem, "host_temp_size_in_bytes", 0) or 0),
   }
   chips = mesh.devices.size
   tokens = B * L
@@ -222,7 +225,10 @@ def format_report(r: dict[str, Any]) -> str:
       f"  memory per chip: arguments {g(m['argument_bytes'])}, outputs {g(m['output_bytes'])} "
       f"(aliased {g(m['alias_bytes'])}), temporaries {g(m['temp_bytes'])}",
       f"  peak {g(m['peak_bytes'])} of {g(m['usable_hbm_bytes'])} usable HBM "
-      f"({100 * m['peak_bytes'] / m['usable_hbm_bytes']:.0f}%)",
+      f"({100 * m['peak_bytes'] / m['usable_hbm_bytes']:.0f}%)"
+      + (f"; host memory: arguments {g(m['host_argument_bytes'])}, temporaries "
+         f"{g(m['host_temp_bytes'])}" if m.get("host_argument_bytes") or m.get("host_temp_bytes")
+         else ""),
       f"  model FLOPs/step {r['model_flops_per_step']:.3e} "
       f"({r['model_flops_per_chip']:.3e} per chip; XLA cost_analysis, scanned body counted "
       f"once: {r['xla_flops_per_chip_scan_body_once']:.3e})",

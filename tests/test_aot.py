@@ -242,3 +242,18 @@ def test_gemma2_distillation_config_matches_the_report():
   teacher_forward = 2 * weights + 4 * t.num_heads * t.head_dim * context
   assert objective.flops_per_token(L) == pytest.approx(
       flops.flops_per_token(student, L) + teacher_forward, rel=1e-9)
+
+
+def test_offloaded_optimizer_state_is_host_memory_in_the_tpu_program(two_slices):
+  """optim.offload_state on the real TPU compile: the optimizer state's shards are host-memory
+  arguments of the step (what the program gets from the host), not device ones."""
+  cfg = tiny_config()
+  cfg.optim.offload_state = True
+  r = aot.compile_train_step(cfg, SLICE, 2, keep_compiled=True)
+  opt_bytes = sum(shard_bytes(x) for x in jax.tree.leaves(r["state"]["opt_state"]))
+  on_device = two_slices["memory"]["argument_bytes"]
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(r["state"]["opt_state"])} == {
+      "pinned_host"}
+  assert r["memory"]["host_argument_bytes"] >= opt_bytes > 0
+  assert r["memory"]["argument_bytes"] <= on_device - opt_bytes
+  assert two_slices["memory"]["host_argument_bytes"] == 0
