@@ -186,6 +186,13 @@ def _lay_hosts(devices: list[Any], ici: Sequence[int], block: tuple[int, int] | 
   return grid
 
 
+def split_axes(axes: str | Sequence[str] | None, mesh: Mesh) -> tuple[str, ...]:
+  """A rules-table entry (one mesh axis, several, or None) as the tuple of its mesh axes that
+  actually split (size > 1 on `mesh`)."""
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+
+
 def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
               rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
   """The mesh PartitionSpec for one array; a dimension that does not divide stays replicated."""
@@ -195,9 +202,8 @@ def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: 
   used: set[str] = set()
   out = []
   for name, dim in zip(logical, shape, strict=True):
-    axes = table.get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    axes = tuple(a for a in split_axes(table.get(name) if name is not None else None, mesh)
+                 if a not in used)
     if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
       used.update(axes)
       out.append(axes[0] if len(axes) == 1 else axes)
@@ -235,9 +241,7 @@ def check_residuals(seq_len: int, d_model: int, mesh: Mesh,
   table = dict(rules_for(mesh_cfg))
   for name, dim, key in (("act_residual_length", int(seq_len), "train.seq_len"),
                          ("act_embed", int(d_model), "the model's d_model")):
-    axes = table.get(name)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1)
+    axes = split_axes(table.get(name), mesh)
     n = math.prod(mesh.shape[a] for a in axes)
     if axes and dim % n:
       keys = " x ".join(f"mesh.ici_{a} x mesh.dcn_{a}" for a in axes)
