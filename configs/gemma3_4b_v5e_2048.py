@@ -23,24 +23,15 @@ Train on the pods (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma3_4b_v5e_2048.py --workdir=gs://BUCKET/g3_4b
 """
 
-from maxgemma.config import base_config, use_splash
+from configs import gemma3_1b_v5e_512
 
 PODS = 8
 ROWS_PER_POD = 64  # 4 rows per fsdp group (docs/aot.md)
 
 
 def get_config():
-  c = base_config()
+  c = gemma3_1b_v5e_512.get_config()  # the same per-pod layout, length, splash tiles and remat
   c.model.preset = "gemma3_4b"
-  c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
-  c.model.remat_policy = "full"
-  # Splash, every tile 512: the query tiles tile one shard's 2048 positions.
-  use_splash(c.model, 512)
-  c.train.seq_len = 32_768
   c.train.global_batch = PODS * ROWS_PER_POD  # 512 x 32768 = 16.8M tokens per step
-  c.train.loss_chunk = 2048  # strided chunks: each chip computes 128 positions' logits at a time
-  c.mesh.ici_data = 1
-  c.mesh.ici_fsdp = 16
-  c.mesh.ici_sequence = 16
   c.mesh.dcn_data = PODS
   return c
