@@ -32,7 +32,7 @@ from maxgemma.trainer import state as state_lib
 from maxgemma.trainer.build import build
 from maxgemma.trainer.loop import train
 from maxgemma.trainer.objective import NextToken
-from tests.train_utils import tiny_config
+from tests.train_utils import set_keys, tiny_config
 
 ALL = tuple(lora.TARGETS)
 
@@ -170,7 +170,7 @@ def test_adapters_are_sharded_over_fsdp_and_train_as_on_one_device():
   # Dropout (the unmerged adapters, a key per step): the masks do not depend on the layout, so
   # fsdp 2 x tensor 4 gives one device's losses, which differ from dropout 0's.
   dropped = lambda **mesh: test_parallelism.run_losses(  # noqa: E731
-      _with(lora_config(**mesh), **{"lora.dropout": 0.3}), jax.devices()[:8 if mesh else 1],
+      set_keys(lora_config(**mesh), **{"lora.dropout": 0.3}), jax.devices()[:8 if mesh else 1],
       steps=3)[0]
   one = dropped()
   np.testing.assert_allclose(dropped(ici_fsdp=2, ici_tensor=4), one,
@@ -212,13 +212,6 @@ def test_lora_run_trains_and_checkpoints_only_adapters(tmp_path):
   b_leaves = [x for p, x in paths if str(p[-1].key) == "b"]
   assert any(np.any(np.asarray(x) != 0) for x in b_leaves)  # the adapters moved
   assert np.isfinite(last["loss"])
-
-
-def _with(cfg, **overrides):
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    cfg[section][name] = value
-  return cfg
 
 
 class Projections(nn.Module):
@@ -358,8 +351,8 @@ def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
     np.testing.assert_array_equal(x, y)  # step 4's weights, not step 9's
   fresh = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   assert lora.pin_base(fresh.objective, None)["lora_base"]["step"] == 9  # a new run: the latest
-  dpo_run = build(_with(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2,
-                                       "lora.base": base}), **{"dpo.enabled": True}),
+  dpo_run = build(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2, "lora.base": base,
+                                 "dpo.enabled": True}),
                   sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   lora.pin_base(dpo_run.objective, recorded)
   reference = jax.device_get(dpo_run.load_frozen()["reference"])  # DPO's reference: the base
@@ -384,8 +377,8 @@ def test_a_lora_run_keeps_the_base_step_it_started_from(tmp_path):
       np.testing.assert_allclose(np.asarray(lora._get(sampled[f"layer_{i}"], path)),
                                  np.asarray(lora._get(merged["layers"], path))[i], atol=1e-6)
 
-  other = build(_with(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2}),
-                      **{"lora.base": str(tmp_path / "elsewhere")}),
+  other = build(tiny_config(**{"lora.targets": "q,down", "lora.rank": 2,
+                               "lora.base": str(tmp_path / "elsewhere")}),
                 sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   with pytest.raises(ValueError, match=f"this LoRA run trained on {base} at step 4") as e:
     lora.pin_base(other.objective, recorded)
@@ -405,7 +398,7 @@ def test_dropout_masks_are_the_steps_own():
   loss (a mask per step)."""
   from tests import test_parallelism
 
-  cfg = _with(test_parallelism.make_config(), **{"lora.targets": "q,v,down", "lora.rank": 4,
+  cfg = set_keys(test_parallelism.make_config(), **{"lora.targets": "q,v,down", "lora.rank": 4,
                                                  "lora.dropout": 0.3, "train.global_batch": 4})
   setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   start = jax.device_get(setup.create_state(seed=0))

@@ -21,6 +21,11 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
   cfg.metrics.peak_flops_per_device = PEAK
   cfg.data.prefetch = 0
   cfg.optim.warmup_steps = 1
+  return set_keys(cfg, **overrides)
+
+
+def set_keys(cfg: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """`cfg` with dotted `section.key` overrides applied (in place), e.g. {"lora.rank": 4}."""
   for key, value in overrides.items():
     section, name = key.split(".")
     cfg[section][name] = value
