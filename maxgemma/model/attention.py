@@ -31,7 +31,7 @@ def dot_product_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS:
   """softmax(q k^T [soft-capped], masked) v, returning [B, L, N, H]; q must be pre-scaled.
 
   "xla" uses the dense `mask_BLS` (`attention_reference.masked_attention`). The kernels
-  ("dot_product", "splash": `attention_kernels`) take causal self-attention within
+  ("dot_product", "splash", "ring": `attention_kernels`) take causal self-attention within
   `segment_ids_BL` and the layer's `window` instead (`mask_BLS` None); given a dense mask
   (decoding) they use the reference.
   """

@@ -7,8 +7,16 @@
 - "splash": the Pallas splash-attention kernel for TPU (`make_splash_mha`: `CausalMask` or a
   causal `LocalMask`, `SegmentIds`, `attn_logits_soft_cap`), in a `shard_map` over the batch and
   head axes of the mesh in scope. Off a TPU it runs only in Pallas interpret mode (tests).
+- "ring": ring attention for sequence parallelism, in XLA (einsums per block: CPU, GPU and TPU).
+  In a `shard_map` over the activations' batch, length and heads axes each shard keeps its
+  queries and its key/value chunk; for as many steps as there are length shards it attends its
+  queries to the chunk it holds (online softmax: running max and sum, float32 accumulator) and
+  passes the chunk and its segment ids on to the next shard (`lax.ppermute`). Keys and values
+  are never gathered; the scores live one [L/P, L/P] block per head at a time. Without a split
+  length (no `sequence` axis, or size 1) there is nothing to ring over: it falls back. Splash
+  keeps the all-gather form below.
 
-Both take what the kernels need instead of a dense mask: segment ids and the layer's window (an
+All take what the kernels need instead of a dense mask: segment ids and the layer's window (an
 int, `attention_reference.GLOBAL_WINDOW` for a global layer). Under the scanned layers the window
 is a traced per-layer value, while a kernel needs it static: `lax.switch` picks, at run time,
 between one branch per distinct window of the model (each branch static; only the selected one
@@ -21,6 +29,7 @@ axis. When the rules split `act_length` (sequence parallelism), each shard keeps
 gets the whole length of keys, values and key segment ids (all-gathered by the partitioner at the
 `shard_map` boundary); the kernel is built for the whole [L, L] mask with `q_seq_shards` and its
 mask tables are passed in split along the query blocks, so each shard computes only its rows.
+Splash keeps this all-gather form; "ring" is the variant that never gathers (see `_ring`).
 
 Shape letters: B batch, L query length, S key length, N query heads, K key/value heads, H head dim.
 """
@@ -38,11 +47,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from maxgemma.model.attention_reference import is_global, self_attention, static_window
+from maxgemma.model.attention_reference import (
+  attention_mask,
+  is_global,
+  self_attention,
+  static_window,
+)
 
 Array = jax.Array
 log = logging.getLogger(__name__)
-KERNEL_IMPLS = ("dot_product", "splash")
+KERNEL_IMPLS = ("dot_product", "splash", "ring")
 _logged: set[tuple[str, str]] = set()
 
 
@@ -64,7 +78,7 @@ def attend(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, *, impl: str,
   """
   if impl not in KERNEL_IMPLS:
     raise ValueError(f"unknown kernel attention_impl {impl!r}; known: {', '.join(KERNEL_IMPLS)}")
-  kernel = {"dot_product": _dot_product, "splash": _splash}[impl]
+  kernel = {"dot_product": _dot_product, "splash": _splash, "ring": _ring}[impl]
   extra = {"blocks": tuple(splash_blocks)} if impl == "splash" else {}
   fn = functools.partial(kernel, softcap=softcap, interpret=interpret, **extra)
   w = static_window(window)
@@ -256,6 +270,104 @@ def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
       local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(batch, length),
                                   seg_spec, kernel_spec),
       out_specs=q_spec, check_vma=False)(q_BLNH, k_BSKH, v_BSKH, seg_BL, seg_BL, kernel)
+
+
+# ---------------------------------------------------------------- ring attention (XLA)
+
+
+def _ring(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
+          interpret: bool = False) -> Array:
+  """Ring attention over the mesh axes the rules in scope give `act_length`.
+
+  Each shard holds L/P queries and the L/P keys/values (and key segment ids) of the same
+  positions; in P steps every key/value chunk visits every shard (`_ring_local`). Batch and heads
+  stay split as the rules say (key/value heads repeated up to N when they do not split over the
+  heads' axes). Falls back to the reference when the rules do not split the length.
+  """
+  del interpret
+  B, L, N, H = q_BLNH.shape
+  K = k_BSKH.shape[2]
+  mesh = jax.sharding.get_abstract_mesh()
+  q_spec = (None if mesh.empty else
+            shard_spec(("act_batch", "act_length", "act_heads", None), q_BLNH.shape, mesh))
+  if q_spec is None or q_spec[1] is None:
+    _fallback_warning("ring", f"the logical-axis rules in scope split no length {L} over the mesh "
+                      f"(no mesh, no sequence axis > 1, or one that does not divide {L}): "
+                      f"nothing to ring over")
+    return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
+  batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
+  if heads is not None and K % _axes_size(heads, mesh):
+    k_BSKH = jnp.repeat(k_BSKH, N // K, axis=2)
+    v_BSKH = jnp.repeat(v_BSKH, N // K, axis=2)
+  seg_BL = (jnp.ones((B, L), jnp.int32) if segment_ids_BL is None
+            else segment_ids_BL.astype(jnp.int32))
+  kv_spec = PartitionSpec(batch, length, heads, None)  # keys and values: this shard's chunk
+  seg_spec = PartitionSpec(batch, length)
+  local = functools.partial(_ring_local, axes=length, shards=_axes_size(length, mesh),
+                            window=window, softcap=softcap)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)(q_BLNH, k_BSKH, v_BSKH, seg_BL)
+
+
+def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: int, softcap
+                ) -> Array:
+  """One shard's ring: its L queries (L = the whole length / `shards`) against each of the
+  `shards` key/value chunks in turn, the chunk passed on to the next shard along `axes` after
+  each step. Positions are global: this shard's index along `axes` times L, plus the offset."""
+  B, L, N, H = q_BLNH.shape
+  K = k_BSKH.shape[2]
+  G = N // K
+  q_BLKGH = q_BLNH.reshape(B, L, K, G, H)
+  me = jax.lax.axis_index(axes)
+  q_pos_BL = jnp.broadcast_to(me * L + jnp.arange(L), (B, L))
+  perm = [(i, (i + 1) % shards) for i in range(shards)]  # step t: shard i holds chunk i - t
+
+  def block(carry, k_BSKH, v_BSKH, k_seg_BS, chunk):
+    """The online-softmax update of the running max, sum and output with one key chunk."""
+    m_BKGL, l_BKGL, acc_BKGLH = carry
+    k_pos_BS = jnp.broadcast_to(chunk * L + jnp.arange(L), (B, L))
+    mask_BLS = attention_mask(q_pos_BL, k_pos_BS, seg_BL, k_seg_BS, window)
+    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
+                              preferred_element_type=jnp.float32)
+    if softcap is not None:
+      logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
+    mask_B11LS = mask_BLS[:, None, None]
+    logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
+    # The max only shifts the exponent (it cancels in acc / l): no gradient through it.
+    m_new_BKGL = jax.lax.stop_gradient(jnp.maximum(m_BKGL, logits_BKGLS.max(-1)))
+    # Masked keys weigh 0 exactly, also in a row with no key in this block (m_new = finfo.min).
+    p_BKGLS = jnp.where(mask_B11LS, jnp.exp(logits_BKGLS - m_new_BKGL[..., None]), 0.0)
+    scale_BKGL = jnp.exp(m_BKGL - m_new_BKGL)
+    l_BKGL = l_BKGL * scale_BKGL + p_BKGLS.sum(-1)
+    pv_BKGLH = jnp.einsum("BKGLS,BSKH->BKGLH", p_BKGLS.astype(v_BSKH.dtype), v_BSKH,
+                          preferred_element_type=jnp.float32)
+    acc_BKGLH = acc_BKGLH * scale_BKGL[..., None] + pv_BKGLH
+    return m_new_BKGL, l_BKGL, acc_BKGLH
+
+  # Recomputed in the backward pass: no block's probabilities are kept.
+  block = jax.checkpoint(block)
+
+  def step(carry, k_BSKH, v_BSKH, k_seg_BS, t):
+    chunk = (me - t) % shards
+    # Skip a block the mask excludes whole: keys all after the queries, or all out of window.
+    needed = (chunk <= me) & ((me - chunk) * L - (L - 1) < window)
+    return jax.lax.cond(needed, block, lambda c, *_: c, carry, k_BSKH, v_BSKH, k_seg_BS, chunk)
+
+  def ring_step(state, t):
+    carry, k_BSKH, v_BSKH, k_seg_BS = state
+    carry = step(carry, k_BSKH, v_BSKH, k_seg_BS, t)
+    k_BSKH, v_BSKH, k_seg_BS = (jax.lax.ppermute(x, axes, perm)
+                                for x in (k_BSKH, v_BSKH, k_seg_BS))
+    return (carry, k_BSKH, v_BSKH, k_seg_BS), None
+
+  carry = (jnp.full((B, K, G, L), jnp.finfo(jnp.float32).min, jnp.float32),
+           jnp.zeros((B, K, G, L), jnp.float32), jnp.zeros((B, K, G, L, H), jnp.float32))
+  (carry, k_BSKH, v_BSKH, seg_BS), _ = jax.lax.scan(
+      ring_step, (carry, k_BSKH, v_BSKH, seg_BL), jnp.arange(shards - 1))
+  _, l_BKGL, acc_BKGLH = step(carry, k_BSKH, v_BSKH, seg_BS, shards - 1)  # the last chunk
+  # Every query attends at least itself (causal, same segment, window >= 1): l > 0.
+  out_BKGLH = acc_BKGLH / jnp.where(l_BKGL > 0, l_BKGL, 1.0)[..., None]
+  return jnp.einsum("BKGLH->BLKGH", out_BKGLH).reshape(B, L, N, H).astype(q_BLNH.dtype)
 
 
 def _axes_size(axes: str | tuple[str, ...], mesh) -> int:

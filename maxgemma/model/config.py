@@ -19,7 +19,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_qkv_p
 # and feed-forward outputs) and what `remat_policy="names"` may do with each (`remat_names`).
 REMAT_NAMES = ("qkv_proj", "attn_context", "attn_out", "mlp_out")
 REMAT_ACTIONS = ("recompute", "save", "offload")
-ATTENTION_IMPLS = ("xla", "dot_product", "splash")
+ATTENTION_IMPLS = ("xla", "dot_product", "splash", "ring")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("gemma1", "gemma2", "gemma3")
 SPLASH_BLOCKS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
@@ -60,6 +60,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "full"
   remat_names: str = ""  # remat_policy "names": "name:action,..." (REMAT_NAMES, REMAT_ACTIONS)
+  # xla (dense mask), dot_product, splash (TPU kernel; keys/values all-gathered under a sequence
+  # axis), ring (XLA ring attention over the sequence axis: keys/values passed round, never
+  # gathered; without a sequence axis it falls back to xla).
   attention_impl: str = "xla"
   # Feed-forward and logits matmuls on [B*L, D] instead of [B, L, D]: plain 2-D matmuls, faster
   # on XLA:CPU; off for TPU pods, where some layouts need more HBM (docs/performance.md).
