@@ -26,8 +26,12 @@ MIN_DROP = 1.5  # nats the loss must fall by for the demo to count as trained
 
 
 def _env() -> dict[str, str]:
+  """The trainer's environment: this one with 8 fake CPU devices (other XLA flags kept)."""
   env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]),
+             JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
   return env
 

@@ -16,6 +16,7 @@ import numpy as np
 from maxgemma.convert import hf
 from maxgemma.convert.safetensors_io import ShardedWriter
 from maxgemma.model.config import ModelConfig
+from tests.xla_env import FAST_COMPILE
 
 LIMIT = 1.5
 SCRIPT = """
@@ -46,7 +47,7 @@ def test_import_peak_memory_below_1_5x_model(tmp_path):
   with open(os.path.join(src, "config.json"), "w") as f:
     json.dump(hf.hf_config(cfg), f)
   model_bytes = sum(int(np.prod(s)) * 4 for s in shapes.values())
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
   res = subprocess.run([sys.executable, "-c", SCRIPT, src, str(tmp_path / "wd")], env=env,
                        capture_output=True, text=True, timeout=600, cwd=os.getcwd())
   assert res.returncode == 0, res.stderr[-3000:]

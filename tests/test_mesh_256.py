@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from tests.xla_env import cpu_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What the rules table says for this model (every dimension divides 16).
@@ -22,7 +24,7 @@ EXPECTED = {
 
 
 def test_16x16_mesh_trains_and_shards_as_the_rules_say():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=256",
+  env = {**os.environ, "XLA_FLAGS": cpu_flags(256),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
   result = subprocess.run([sys.executable, "-m", "tests.mesh256_probe"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -27,6 +27,7 @@ from maxgemma.sample import (
 )
 from tests.convert_utils import make_workdir
 from tests.model_utils import random_params
+from tests.xla_env import FAST_COMPILE
 
 
 def test_top_k_and_top_p_keep_the_right_tokens():
@@ -77,7 +78,7 @@ def test_context_limit_is_checked():
 
 def test_cli_generates_and_reports_tokens_per_second(tmp_path):
   workdir, _, _ = make_workdir(str(tmp_path), "tiny_gemma3")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE}
   res = subprocess.run(
       [sys.executable, "-m", "maxgemma.sample", f"--workdir={workdir}", "--prompt=Hello",
        "--prompt=Once upon a time there", "--chat", "--max_new_tokens=16", "--temperature=0.8",
@@ -136,7 +137,7 @@ def test_two_processes_sample_the_single_device_text(tmp_path):
   workdir, _, _ = make_workdir(str(tmp_path), "tiny_gemma3")
   args = [f"--workdir={workdir}", "--prompt=Once upon a time", "--prompt=The sea",
           "--prompt=Hello", "--max_new_tokens=12"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": os.getcwd()}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": os.getcwd()}
   one = subprocess.run([sys.executable, "-m", "maxgemma.sample", *args], env=env,
                        capture_output=True, text=True, timeout=300, cwd=os.getcwd())
   assert one.returncode == 0, one.stderr[-2000:]

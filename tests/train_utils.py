@@ -10,6 +10,7 @@ import sys
 import ml_collections
 
 from configs import tiny
+from tests.xla_env import cpu_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK = 1e11  # a fixed peak FLOP/s, so runs do not measure this machine's matmul speed
@@ -40,7 +41,7 @@ def train_command(workdir: str, *overrides: str) -> list[str]:
 
 def env(devices: int = 8) -> dict[str, str]:
   e = dict(os.environ)
-  e.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+  e.update(XLA_FLAGS=cpu_flags(devices), JAX_PLATFORMS="cpu",
            PYTHONPATH=ROOT)
   return e
 
