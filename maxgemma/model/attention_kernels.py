@@ -288,11 +288,12 @@ def _ring(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
-  q_spec = (None if mesh.empty else
-            shard_spec(("act_batch", "act_length", "act_heads", None), q_BLNH.shape, mesh))
-  if q_spec is None or q_spec[1] is None:
+  if mesh.empty:  # no mesh in scope (shape-only traces such as the parameter init): nothing split
+    return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
+  q_spec = shard_spec(("act_batch", "act_length", "act_heads", None), q_BLNH.shape, mesh)
+  if q_spec[1] is None:
     _fallback_warning("ring", f"the logical-axis rules in scope split no length {L} over the mesh "
-                      f"(no mesh, no sequence axis > 1, or one that does not divide {L}): "
+                      f"(no sequence axis > 1, or one that does not divide {L}): "
                       f"nothing to ring over")
     return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
   batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
