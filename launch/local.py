@@ -29,6 +29,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from maxgemma.distributed import with_cpu_devices
+
 
 class LaunchError(Exception):
   """Bad input for the launcher: printed as one `error:` line, exit code 2."""
@@ -45,9 +47,7 @@ def child_env(base: dict[str, str], *, port: int, processes: int, process_id: in
               devices: int) -> dict[str, str]:
   """The environment of process `process_id`: base plus the MAXGEMMA_* / XLA / JAX settings."""
   env = dict(base)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+  env["XLA_FLAGS"] = with_cpu_devices(env.get("XLA_FLAGS", ""), devices)
   env.update(MAXGEMMA_COORDINATOR=f"127.0.0.1:{port}", MAXGEMMA_NUM_PROCESSES=str(processes),
              MAXGEMMA_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   return env

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from maxgemma.distributed import with_cpu_devices
+
 WORKDIR = os.environ.get("MAXGEMMA_DEMO_DIR", "runs/demo")
 CONFIG = "configs/demo.py"
 RESUME_AT = 60  # of configs/demo.py's train.steps
@@ -28,10 +30,7 @@ MIN_DROP = 1.5  # nats the loss must fall by for the demo to count as trained
 def _env() -> dict[str, str]:
   """The trainer's environment: this one with 8 fake CPU devices (other XLA flags kept)."""
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env.update(XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=8"]),
-             JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=with_cpu_devices(env.get("XLA_FLAGS", ""), 8), JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
   return env
 

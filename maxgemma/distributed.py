@@ -46,6 +46,13 @@ class Plan:
 
 
 _state: dict[str, Plan] = {}
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def with_cpu_devices(xla_flags: str, devices: int) -> str:
+  """An XLA_FLAGS value with its fake CPU device count set to `devices`, its other flags kept."""
+  flags = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  return " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])
 
 
 def _section(dist_cfg: Any) -> Mapping[str, Any]:
