@@ -231,7 +231,6 @@ def _splash_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, seg_BS=None, kernel=None, *, w
 def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
             interpret: bool = False, blocks: tuple[int | bool, ...] = ()) -> Array:
   B, L, N, H = q_BLNH.shape
-  K = k_BSKH.shape[2]
   if not interpret and target_platform() != "tpu":
     _fallback_warning("splash", f"the Pallas splash kernel runs on TPU only (platform "
                       f"{target_platform()!r}; interpret mode is for tests)")
@@ -239,8 +238,7 @@ def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
   if splash_block(L) is None:
     _fallback_warning("splash", f"sequence length {L} is not a multiple of 128")
     return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
-  seg_BL = (jnp.ones((B, L), jnp.int32) if segment_ids_BL is None
-            else segment_ids_BL.astype(jnp.int32))
+  seg_BL = _segment_ids(segment_ids_BL, B, L)
   local = functools.partial(_splash_local, window=window, softcap=softcap, interpret=interpret,
                             blocks=blocks)
   mesh = jax.sharding.get_abstract_mesh()
@@ -252,9 +250,7 @@ def _splash(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
   q_spec = shard_spec(("act_batch", "act_length", "act_heads", None), q_BLNH.shape, mesh)
   batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
   kv_spec = PartitionSpec(batch, None, heads, None)  # keys and values: the whole length
-  if heads is not None and K % _axes_size(heads, mesh):
-    k_BSKH = jnp.repeat(k_BSKH, N // K, axis=2)
-    v_BSKH = jnp.repeat(v_BSKH, N // K, axis=2)
+  k_BSKH, v_BSKH = _kv_for_split_heads(k_BSKH, v_BSKH, N, heads, mesh)
   seg_spec = PartitionSpec(batch, None)
   if length is None:
     return jax.shard_map(local, mesh=mesh, in_specs=(kv_spec, kv_spec, kv_spec, seg_spec),
@@ -286,7 +282,6 @@ def _ring(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
   """
   del interpret
   B, L, N, H = q_BLNH.shape
-  K = k_BSKH.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:  # no mesh in scope (shape-only traces such as the parameter init): nothing split
     return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
@@ -297,11 +292,8 @@ def _ring(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window: int, *, softcap,
                       f"nothing to ring over")
     return self_attention(q_BLNH, k_BSKH, v_BSKH, segment_ids_BL, window, softcap)
   batch, length, heads = q_spec[0], q_spec[1], q_spec[2]
-  if heads is not None and K % _axes_size(heads, mesh):
-    k_BSKH = jnp.repeat(k_BSKH, N // K, axis=2)
-    v_BSKH = jnp.repeat(v_BSKH, N // K, axis=2)
-  seg_BL = (jnp.ones((B, L), jnp.int32) if segment_ids_BL is None
-            else segment_ids_BL.astype(jnp.int32))
+  k_BSKH, v_BSKH = _kv_for_split_heads(k_BSKH, v_BSKH, N, heads, mesh)
+  seg_BL = _segment_ids(segment_ids_BL, B, L)
   kv_spec = PartitionSpec(batch, length, heads, None)  # keys and values: this shard's chunk
   seg_spec = PartitionSpec(batch, length)
   local = functools.partial(_ring_local, axes=length, shards=_axes_size(length, mesh),
@@ -369,6 +361,21 @@ def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: in
   # Every query attends at least itself (causal, same segment, window >= 1): l > 0.
   out_BKGLH = acc_BKGLH / jnp.where(l_BKGL > 0, l_BKGL, 1.0)[..., None]
   return jnp.einsum("BKGLH->BLKGH", out_BKGLH).reshape(B, L, N, H).astype(q_BLNH.dtype)
+
+
+def _segment_ids(segment_ids_BL: Array | None, B: int, L: int) -> Array:
+  """The kernels' int32 segment ids: one segment per row when there are none."""
+  return (jnp.ones((B, L), jnp.int32) if segment_ids_BL is None
+          else segment_ids_BL.astype(jnp.int32))
+
+
+def _kv_for_split_heads(k_BSKH: Array, v_BSKH: Array, N: int, heads, mesh) -> tuple[Array, Array]:
+  """Keys and values for a `shard_map` that splits the query heads over the mesh axes `heads`:
+  repeated up to the N query heads when the K key/value heads do not split over them."""
+  K = k_BSKH.shape[2]
+  if heads is not None and K % _axes_size(heads, mesh):
+    return jnp.repeat(k_BSKH, N // K, axis=2), jnp.repeat(v_BSKH, N // K, axis=2)
+  return k_BSKH, v_BSKH
 
 
 def _axes_size(axes: str | tuple[str, ...], mesh) -> int:
