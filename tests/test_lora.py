@@ -399,7 +399,7 @@ def test_dropout_masks_are_the_steps_own():
   from tests import test_parallelism
 
   cfg = set_keys(test_parallelism.make_config(), **{"lora.targets": "q,v,down", "lora.rank": 4,
-                                                 "lora.dropout": 0.3, "train.global_batch": 4})
+                                                    "lora.dropout": 0.3, "train.global_batch": 4})
   setup = build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
   start = jax.device_get(setup.create_state(seed=0))
   start["params"] = random_adapters(setup.objective.abstract_params(), 4)

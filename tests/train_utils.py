@@ -41,8 +41,7 @@ def train_command(workdir: str, *overrides: str) -> list[str]:
 
 def env(devices: int = 8) -> dict[str, str]:
   e = dict(os.environ)
-  e.update(XLA_FLAGS=cpu_flags(devices), JAX_PLATFORMS="cpu",
-           PYTHONPATH=ROOT)
+  e.update(XLA_FLAGS=cpu_flags(devices), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   return e
 
 
