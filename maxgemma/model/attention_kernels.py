@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec
 from maxgemma.model.attention_reference import (
   attention_mask,
   is_global,
+  masked_logits,
   self_attention,
   static_window,
 )
@@ -320,12 +321,8 @@ def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: in
     m_BKGL, l_BKGL, acc_BKGLH = carry
     k_pos_BS = jnp.broadcast_to(chunk * L + jnp.arange(L), (B, L))
     mask_BLS = attention_mask(q_pos_BL, k_pos_BS, seg_BL, k_seg_BS, window)
-    logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
-                              preferred_element_type=jnp.float32)
-    if softcap is not None:
-      logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
+    logits_BKGLS = masked_logits(q_BLKGH, k_BSKH, mask_BLS, softcap)
     mask_B11LS = mask_BLS[:, None, None]
-    logits_BKGLS = jnp.where(mask_B11LS, logits_BKGLS, jnp.finfo(jnp.float32).min)
     # The max only shifts the exponent (it cancels in acc / l): no gradient through it.
     m_new_BKGL = jax.lax.stop_gradient(jnp.maximum(m_BKGL, logits_BKGLS.max(-1)))
     # Masked keys weigh 0 exactly, also in a row with no key in this block (m_new = finfo.min).

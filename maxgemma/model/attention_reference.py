@@ -50,17 +50,24 @@ def attention_mask(q_pos_BL: Array, k_pos_BS: Array, q_seg_BL: Array, k_seg_BS: 
   return mask_BLS
 
 
+def masked_logits(q_BLKGH: Array, k_BSKH: Array, mask_BLS: Array,
+                  softcap: float | None = None) -> Array:
+  """q k^T per key/value head's query group, in float32, soft-capped, masked keys at the float32
+  minimum: [B, K, G, L, S]."""
+  logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
+                            preferred_element_type=jnp.float32)
+  if softcap is not None:
+    logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
+  return jnp.where(mask_BLS[:, None, None], logits_BKGLS, jnp.finfo(jnp.float32).min)
+
+
 def masked_attention(q_BLNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BLS: Array, *,
                      softcap: float | None = None) -> Array:
   """softmax(q k^T [soft-capped], masked) v, [B, L, N, H]; q pre-scaled, logits in float32."""
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
   q_BLKGH = q_BLNH.reshape(B, L, K, N // K, H)
-  logits_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", q_BLKGH, k_BSKH,
-                            preferred_element_type=jnp.float32)
-  if softcap is not None:
-    logits_BKGLS = jnp.tanh(logits_BKGLS / softcap) * softcap
-  logits_BKGLS = jnp.where(mask_BLS[:, None, None], logits_BKGLS, jnp.finfo(jnp.float32).min)
+  logits_BKGLS = masked_logits(q_BLKGH, k_BSKH, mask_BLS, softcap)
   probs_BKGLS = jax.nn.softmax(logits_BKGLS, axis=-1).astype(v_BSKH.dtype)
   out_BLKGH = jnp.einsum("BKGLS,BSKH->BLKGH", probs_BKGLS, v_BSKH)
   return out_BLKGH.reshape(B, L, N, H)
