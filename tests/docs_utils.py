@@ -323,10 +323,11 @@ class Result:
 class Session:
   """One doc's terminal: a scratch repository copy as the working directory, exported variables
   and the current directory carried from one command to the next, `/tmp/...`, `/data/...` and
-  `/models/...` placed under `root/fs`.
+  `/models/...` placed under `root/fs`. `xla_flags` is the commands' XLA_FLAGS (none: XLA's
+  defaults; the caller's own XLA_FLAGS never reach the session).
   """
 
-  def __init__(self, doc: str, root: Path):
+  def __init__(self, doc: str, root: Path, xla_flags: str = ""):
     self.doc, self.root = doc, root
     self.cwd = root / "repo"
     self.fs = root / "fs"
@@ -341,6 +342,8 @@ class Session:
                TMPDIR=str(root / "tmp"), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                PYTHONDONTWRITEBYTECODE="1")
     env.pop("VIRTUAL_ENV", None)
+    if xla_flags:
+      env["XLA_FLAGS"] = xla_flags
     self.env = env
     self.setups_done: set[str] = set()
     self.data: dict = {}  # what set-up hooks leave for the checks (e.g. the fake gcloud)

@@ -53,10 +53,16 @@ import pytest
 from tests import docs_utils, gcs_utils
 from tests.docs_utils import REPO, Command, Result, Session
 from tests.fake_gcloud import ALL_GOOD, Fake
+from tests.xla_env import FAST_COMPILE
 
 COMMANDS = docs_utils.all_commands()
 TIMEOUT_S = 600
 GCS_BUCKET = "my-bucket"  # the bucket the docs name
+
+# Doc sessions compile at LLVM -O0 like the rest of the suite (tests/xla_env.py): their runs are
+# short, so compiling dominates. These keep XLA's default optimisation, as test_demo does: their
+# long runs gain more from optimised code than they spend compiling it (docs/performance.md).
+OPTIMISED_DOCS = {"docs/distillation.md"}
 
 # Commands that do not start jax: fast enough for `make test-fast`.
 FAST = re.compile(r"^python -m launch\.tpu ")
@@ -95,9 +101,12 @@ def rewrite(text: str, s: Session) -> str:
 
 # ---------------------------------------------------------------------------- set-up hooks
 
-def run_python(s: Session, *args: str, timeout: float = TIMEOUT_S) -> str:
-  """`python ARGS` in the session (for set-ups: not a documented command)."""
-  proc = subprocess.run([sys.executable, *args], cwd=s.cwd, env=s.env, capture_output=True,
+def run_python(s: Session, *args: str, timeout: float = TIMEOUT_S, optimised: bool = False
+               ) -> str:
+  """`python ARGS` in the session (for set-ups: not a documented command); `optimised`: with
+  XLA's default optimisation whatever the session's XLA_FLAGS."""
+  env = {k: v for k, v in s.env.items() if not (optimised and k == "XLA_FLAGS")}
+  proc = subprocess.run([sys.executable, *args], cwd=s.cwd, env=env, capture_output=True,
                         text=True, timeout=timeout)
   assert proc.returncode == 0, f"set-up command failed: python {shlex.join(args)}\n" + (
       proc.stdout + proc.stderr)[-4000:]
@@ -147,10 +156,10 @@ def setup_chats(s: Session) -> None:
 
 def setup_demo_run(s: Session) -> None:
   """`runs/demo` as `make demo` leaves it (checkpoints at steps 60 and 120), from a short
-  configs/tiny.py run instead of the demo's minutes of training."""
+  configs/tiny.py run instead of the demo's minutes of training (120 steps: optimised code)."""
   run_python(s, "-m", "maxgemma.train", "--config=configs/tiny.py",
              f"--workdir={s.cwd / 'runs' / 'demo'}", "--config.train.steps=120",
-             "--config.checkpoint.every=60")
+             "--config.checkpoint.every=60", optimised=True)
 
 
 def setup_models(s: Session) -> None:
@@ -397,7 +406,7 @@ def _doc_param(doc: str):
 @pytest.mark.parametrize("doc", [_doc_param(d) for d in docs_utils.DOCS if runnable(d)])
 def test_doc_commands(doc: str, tmp_path):
   """Runs the doc's commands in order, in one session; stops at the first failure."""
-  s = Session(doc, tmp_path)
+  s = Session(doc, tmp_path, xla_flags="" if doc in OPTIMISED_DOCS else FAST_COMPILE)
   bugs = []
   try:
     for c in runnable(doc):
