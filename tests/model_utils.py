@@ -31,9 +31,10 @@ def run_maxgemma(cfg: ModelConfig, official_params: dict, tokens, positions=None
                  segment_ids=None) -> np.ndarray:
   """float32 logits of maxgemma (scanned or not, per `cfg`) on official-tree weights."""
   params = stack_layers(official_params) if cfg.scan_layers else official_params
-  logits = Transformer(cfg).apply({"params": params}, jnp.asarray(tokens),
-                                  None if positions is None else jnp.asarray(positions),
-                                  None if segment_ids is None else jnp.asarray(segment_ids))
+  apply = jax.jit(Transformer(cfg).apply)  # one compile; op by op takes several times longer
+  logits = apply({"params": params}, jnp.asarray(tokens),
+                 None if positions is None else jnp.asarray(positions),
+                 None if segment_ids is None else jnp.asarray(segment_ids))
   return np.asarray(logits)
 
 

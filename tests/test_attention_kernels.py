@@ -140,9 +140,10 @@ def test_model_logits_equal_reference(impl, preset, scan):
   tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
   seg = jnp.asarray(np.repeat([[1] * 20 + [2] * 12], 2, 0), jnp.int32)
   pos = jnp.asarray(np.repeat([list(range(20)) + list(range(12))], 2, 0), jnp.int32)
-  params = Transformer(cfg).init(jax.random.key(0), tokens)["params"]
-  ref = Transformer(cfg).apply({"params": params}, tokens, pos, seg)
-  got = Transformer(cfg.replace(attention_impl=impl)).apply({"params": params}, tokens, pos, seg)
+  params = jax.jit(Transformer(cfg).init)(jax.random.key(0), tokens)["params"]
+  ref = jax.jit(Transformer(cfg).apply)({"params": params}, tokens, pos, seg)
+  got = jax.jit(Transformer(cfg.replace(attention_impl=impl)).apply)({"params": params}, tokens,
+                                                                      pos, seg)
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=1e-4)
 
 

@@ -78,7 +78,7 @@ def merged_output(target, module, Wm, x):
 def test_merge_matches_numpy_low_rank_path(preset):
   cfg = get_preset(preset)
   boxed = state_lib.abstract_params(cfg)
-  base = jax.device_get(state_lib.init_params(cfg, jax.random.key(0)))
+  base = jax.device_get(jax.jit(lambda: state_lib.init_params(cfg, jax.random.key(0)))())
   rank, alpha = 3, 6.0
   adapters = random_adapters(lora.abstract_adapters(boxed, ALL, rank), 1)
   merged = jax.device_get(lora.merge(base, adapters, boxed, alpha=alpha, rank=rank))
@@ -117,14 +117,14 @@ def test_merge_matches_numpy_low_rank_path(preset):
 def test_zero_adapters_leave_logits_unchanged():
   cfg = get_preset("tiny_gemma2")
   boxed = state_lib.abstract_params(cfg)
-  base = state_lib.init_params(cfg, jax.random.key(0))
+  base = jax.jit(lambda: state_lib.init_params(cfg, jax.random.key(0)))()
   adapters = lora.init_adapters(lora.abstract_adapters(boxed, ALL, 4), jax.random.key(1))
   flat = jax.tree_util.tree_flatten_with_path(adapters)[0]
   assert all(np.all(np.asarray(x) == 0) == (str(p[-1].key) == "b") for p, x in flat)
   tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
-  model = Transformer(cfg)
-  before = model.apply({"params": base}, tokens)
-  after = model.apply({"params": lora.merge(base, adapters, boxed, alpha=16.0, rank=4)}, tokens)
+  apply = jax.jit(Transformer(cfg).apply)
+  before = apply({"params": base}, tokens)
+  after = apply({"params": lora.merge(base, adapters, boxed, alpha=16.0, rank=4)}, tokens)
   np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
 
 
