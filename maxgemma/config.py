@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       ici_data=-1, ici_fsdp=1, ici_sequence=1, ici_tensor=1,
       dcn_data=1, dcn_fsdp=1, dcn_sequence=1, dcn_tensor=1,
       shard_params=True,  # ZeRO-3: parameters (not only optimizer state) sharded over fsdp
+      shard_state_over_sequence=False,  # the state's fsdp sharding spans fsdp x sequence
       shard_residuals=True,  # the residual stream between blocks split along length over tensor
       # (and sequence, which splits every length)
       host_block="",  # CPU processes only: "FxT" lays each process's devices as an F x T block of

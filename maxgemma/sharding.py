@@ -52,6 +52,10 @@ RULES: tuple[tuple[str, Any], ...] = (
 # RULES' rows of the same name (the length is split over `sequence` first, as everywhere).
 SHARDED_RESIDUAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_residual_length", ("sequence", "tensor")),)
+# `mesh.shard_state_over_sequence`: the parameters' (ZeRO-3) and the optimizer state's embed
+# dimension is split over fsdp x sequence, so a sequence group does not hold copies of the state
+# and reduces its gradients by reduce-scatter; fsdp alone where the dimension does not divide.
+STATE_OVER_SEQUENCE = ("fsdp", "sequence")
 # Leaves with at least this many elements must not end up fully replicated on a sharded mesh.
 LARGE_LEAF = 1 << 20
 
@@ -60,7 +64,8 @@ def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool
               ) -> tuple[tuple[str, Any], ...]:
   """The rules table for `mesh_cfg`: with `shard_params=False` parameters are replicated over
   `fsdp` (ZeRO-1/2: only the optimizer state is sharded); with `shard_residuals` the residual
-  stream's length is split over `sequence` x `tensor` (SHARDED_RESIDUAL_RULES). `None`: RULES as
+  stream's length is split over `sequence` x `tensor` (SHARDED_RESIDUAL_RULES); with
+  `shard_state_over_sequence` the state's `embed` over `fsdp` x `sequence`. `None`: RULES as
   they are (sampling: a mesh without a `sequence` axis > 1 leaves every length whole)."""
   rules = RULES
   if mesh_cfg is None:
@@ -68,6 +73,8 @@ def rules_for(mesh_cfg: ml_collections.ConfigDict | None = None, *, params: bool
   if mesh_cfg.get("shard_residuals", False):
     override = dict(SHARDED_RESIDUAL_RULES)
     rules = tuple((k, override.get(k, v)) for k, v in rules)
+  if mesh_cfg.get("shard_state_over_sequence", False):
+    rules = tuple((k, STATE_OVER_SEQUENCE if k == "embed" else v) for k, v in rules)
   if params and not mesh_cfg.get("shard_params", True):
     rules = tuple((k, None if k in ("embed", "lora_rank") else v) for k, v in rules)
   return rules
@@ -195,7 +202,8 @@ def split_axes(axes: str | Sequence[str] | None, mesh: Mesh) -> tuple[str, ...]:
 
 def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
               rules: Sequence[tuple[str, Any]]) -> PartitionSpec:
-  """The mesh PartitionSpec for one array; a dimension that does not divide stays replicated."""
+  """The mesh PartitionSpec for one array. A dimension is split over the longest leading run of
+  its rule's axes whose product divides it (none: replicated)."""
   if logical is None:
     return PartitionSpec()
   table = dict(rules)
@@ -204,7 +212,9 @@ def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: 
   for name, dim in zip(logical, shape, strict=True):
     axes = tuple(a for a in split_axes(table.get(name) if name is not None else None, mesh)
                  if a not in used)
-    if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    if axes:
       used.update(axes)
       out.append(axes[0] if len(axes) == 1 else axes)
     else:

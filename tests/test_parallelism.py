@@ -159,6 +159,30 @@ def test_leaves_are_sharded_as_the_rules_say():
   assert all(spec(m) == (None, "tensor", "fsdp") for m in moments)
 
 
+def test_state_over_sequence_splits_embed_over_fsdp_and_sequence(reference):
+  """`mesh.shard_state_over_sequence`: the state's embed dimension spans fsdp x sequence, the
+  losses stay those of one device."""
+  cfg = make_config(ici_sequence=2, ici_fsdp=2, ici_tensor=2, shard_state_over_sequence=True)
+  losses, state = run_losses(cfg, jax.devices())
+  np.testing.assert_allclose(losses, reference, rtol=TOLERANCE)
+  params, both = state["params"], ("fsdp", "sequence")
+  spec = lambda x: tuple(x.sharding.spec)
+  assert spec(params["embedder"]["input_embedding"]) == ("tensor", both)
+  assert spec(params["layers"]["mlp"]["linear"]) == (None, "tensor", both)
+  moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+             if "['layers']['mlp']['linear']" in jax.tree_util.keystr(path)]
+  assert len(moments) == 2 and all(spec(m) == (None, "tensor", both) for m in moments)
+
+
+def test_a_dimension_keeps_the_leading_axes_that_divide_it():
+  mesh = sharding.make_mesh(make_config(ici_fsdp=2, ici_sequence=4).mesh, jax.devices())
+  rules = sharding.rules_for(make_config(shard_state_over_sequence=True).mesh)
+  spec = lambda embed: tuple(sharding.mesh_spec(("vocab", "embed"), (64, embed), mesh, rules))
+  assert spec(16) == (None, ("fsdp", "sequence"))  # 16 = 2 x 4 x 2
+  assert spec(6) == (None, "fsdp")  # 6 divides by fsdp 2, not by fsdp x sequence 8
+  assert spec(3) == (None, None)
+
+
 def test_mesh_errors_are_clear():
   cfg = make_config(ici_data=3)
   with pytest.raises(ValueError, match="has 3 devices but 8 are available"):
