@@ -178,7 +178,7 @@ def test_a_dimension_keeps_the_leading_axes_that_divide_it():
   mesh = sharding.make_mesh(make_config(ici_fsdp=2, ici_sequence=4).mesh, jax.devices())
   rules = sharding.rules_for(make_config(shard_state_over_sequence=True).mesh)
   spec = lambda embed: tuple(sharding.mesh_spec(("vocab", "embed"), (64, embed), mesh, rules))
-  assert spec(16) == (None, ("fsdp", "sequence"))  # 16 = 2 x 4 x 2
+  assert spec(16) == (None, ("fsdp", "sequence"))  # 16 divides by fsdp x sequence 8
   assert spec(6) == (None, "fsdp")  # 6 divides by fsdp 2, not by fsdp x sequence 8
   assert spec(3) == (None, None)
 
