@@ -61,6 +61,15 @@ LAYOUTS = {
     "2x4 fsdp 2 x tensor 2, dcn_data 2": (2, 4, [
         "--config.mesh.ici_data=1", "--config.mesh.ici_fsdp=2", "--config.mesh.ici_tensor=2",
         "--config.mesh.dcn_data=2"]),
+    # Each row's 64 positions split over processes: the data feed gives each host its slices.
+    "2x4 sequence 4 x tensor 2": (2, 4, ["--config.mesh.ici_data=1", "--config.mesh.ici_sequence=4",
+                                         "--config.mesh.ici_tensor=2"]),
+    # fsdp and sequence both span processes; the ring passes keys and values between them and
+    # the state is split over fsdp x sequence.
+    "4x2 fsdp 2 x sequence 2 x tensor 2, ring, state over sequence": (4, 2, [
+        "--config.mesh.ici_data=1", "--config.mesh.ici_fsdp=2", "--config.mesh.ici_sequence=2",
+        "--config.mesh.ici_tensor=2", "--config.model.attention_impl=ring",
+        "--config.mesh.shard_state_over_sequence=true"]),
 }
 
 
