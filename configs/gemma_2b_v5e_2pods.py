@@ -1,7 +1,7 @@
 """Gemma 1 2B on 2 v5e-256 pods (512 chips), the Gemma report's layout.
 
 Inside each pod 256-way data parallelism with ZeRO-3 (fsdp over all chips), the layout of
-configs/gemma_2b_v5e_1pod.py (which keeps XLA attention); data parallel across the 2 pods over
+configs/gemma_2b_v5e_1pod.py; data parallel across the 2 pods over
 the data-centre network (`dcn_data=2`): gradients are reduce-scattered inside a pod and only each
 chip's shard crosses pods. Compile it for the real TPU on a CPU machine (`--num_slices` defaults
 to 2 from mesh.dcn_*):

@@ -17,7 +17,7 @@ the chats, train (a fresh optimizer and schedule from step 0 on the imported par
       --config.data.sources=gs://BUCKET/chats --config.data.tokenizer=gs://BUCKET/sft7b/tokenizer.model
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 
 def get_config():
@@ -25,6 +25,7 @@ def get_config():
   c.model.preset = "gemma1_7b"
   c.model.dtype = "bfloat16"  # compute; parameters stay float32
   c.model.remat_policy = "full"
+  use_splash(c.model, 512)  # the Pallas splash kernel, every tile 512 (docs/aot.md)
   c.optim.moments_dtype = "bfloat16"  # float32 moments (+32 GiB) need a v5e-16
   c.optim.learning_rate = 1e-5
   c.optim.schedule = "cosine"

@@ -19,7 +19,7 @@ the chats, train the adapters in a workdir of their own, export them (PEFT) or t
   python -m maxgemma.export --workdir=gs://BUCKET/lora7b --format=peft --out=lora7b-adapter
 """
 
-from maxgemma.config import base_config
+from maxgemma.config import base_config, use_splash
 
 
 def get_config():
@@ -27,6 +27,7 @@ def get_config():
   c.model.preset = "gemma1_7b"
   c.model.dtype = "bfloat16"  # compute; the base and the adapters stay float32
   c.model.remat_policy = "full"
+  use_splash(c.model, 512)  # the Pallas splash kernel, every tile 512 (docs/aot.md)
   c.lora.targets = "q,k,v,o,gate,up,down"
   c.lora.rank = 16
   c.lora.alpha = 32.0

@@ -125,7 +125,8 @@ def run_cli(*args):
 
 
 TINY_FLAGS = ("--config=configs/gemma_2b_v5e_1pod.py", "--config.model.preset=tiny_gemma1_mha",
-              "--config.train.seq_len=64", f"--config.mesh.ici_fsdp={ICI_FSDP}",
+              "--config.train.seq_len=64", "--config.model.attention_impl=xla",
+              f"--config.mesh.ici_fsdp={ICI_FSDP}",
               f"--topology={SLICE}")
 
 

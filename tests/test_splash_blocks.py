@@ -84,10 +84,21 @@ def test_other_tiles_equal_reference(fused):
     ("splash_block_q_dq", 128, r"model\.splash_block_q_dq and model\.splash_block_kv_dq must be 0"),
 ])
 def test_bad_tiles_name_the_key(key, value, message):
-  cfg = _config(splash_block_kv=128, splash_fused_bwd=key == "splash_block_q_dq",
-                **{key: value})
+  cfg = _config(attention_impl="splash", splash_block_kv=128,
+                splash_fused_bwd=key == "splash_block_q_dq", **{key: value})
   with pytest.raises(ValueError, match=message):
     config_lib.model_config(cfg)
+
+
+def test_a_tile_that_does_not_divide_names_the_divisors_and_binds_only_splash():
+  with pytest.raises(ValueError, match=r"use a divisor of it \(128, 256\) or 0"):
+    config_lib.model_config(_config(attention_impl="splash", splash_block_q=512))
+  with pytest.raises(ValueError, match=r"use 0 \(default\) or a length that is a multiple of 128"):
+    short = _config(attention_impl="splash", splash_block_q=512)
+    short.train.seq_len = 96
+    config_lib.model_config(short)
+  # A pod config's tiles under another kernel at a short length: nothing to tile.
+  assert config_lib.model_config(_config(attention_impl="xla", splash_block_q=512))
 
 
 def test_kernel_refuses_a_tile_that_does_not_divide_its_length():

@@ -179,9 +179,14 @@ class ModelConfig:
       if not isinstance(value, int) or value < 0:
         raise ValueError(f"model.splash_{name} must be a non-negative integer (0: default), "
                          f"got {value!r}")
-      if value and seq_len is not None and seq_len % value:
+      # The tiles only tile the length when the splash kernel runs (a pod config's tiles stay
+      # valid under --config.model.attention_impl=xla at a short length).
+      if value and seq_len is not None and seq_len % value and self.attention_impl == "splash":
+        fits = [t for t in (128, 256, 512, 1024, 2048) if seq_len % t == 0]
+        hint = f"use a divisor of it ({', '.join(map(str, fits))}) or 0 (default)" if fits else (
+            "use 0 (default) or a length that is a multiple of 128")
         raise ValueError(f"model.splash_{name}={value} does not divide the sequence length "
-                         f"{seq_len}; use a divisor of it (e.g. 512, 1024, 2048) or 0 (default)")
+                         f"{seq_len}; {hint}")
     for compute, block in (("block_kv_compute", "block_kv"),
                            ("block_kv_dkv_compute", "block_kv_dkv")):
       c, b = getattr(self, f"splash_{compute}"), getattr(self, f"splash_{block}")
