@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "aot_pods.json"
 DOC = ROOT / "docs" / "aot.md"
 HLO_DIR = Path(tempfile.gettempdir()) / "aot_pods"  # compiled programs, for reading (not kept)
 START, END = "<!-- aot_pods:start -->", "<!-- aot_pods:end -->"
+COMPARE_START, COMPARE_END = "<!-- aot_layouts:start -->", "<!-- aot_layouts:end -->"
 
 # name -> (config file, extra flags, what the row shows)
 ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -61,6 +63,12 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
                    ("--num_slices=2", "--config.mesh.dcn_data=2",
                     "--config.train.global_batch=128"),
                    "Gemma 3 4B, 2 of its 8 pods: per pod fsdp 16 x sequence 16, data over DCN"),
+    # The 4B with its float32 state split over fsdp x sequence (docs/parallelism.md).
+    "g3_4b_2048_sos": ("configs/gemma3_4b_v5e_2048.py",
+                       ("--num_slices=2", "--config.mesh.dcn_data=2",
+                        "--config.train.global_batch=128",
+                        "--config.mesh.shard_state_over_sequence=true"),
+                       "Gemma 3 4B as above, the state split over fsdp x sequence"),
     "g3_12b_v4": ("configs/gemma3_12b_v4_6144.py",
                   ("--topology=v4:8x16x16", "--num_slices=2", "--config.mesh.dcn_data=2",
                    "--config.train.global_batch=256"),
@@ -68,6 +76,70 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
                   "sequence 16, data over DCN"),
     "g3_27b_v5p": ("configs/gemma3_27b_v5p_6144.py", ("--topology=v5p:8x24x32",),
                    "Gemma 3 27B, v5p 8x24x32: data 32 x fsdp 24 x sequence 8"),
+}
+
+# Other layouts of the same model, chips and batch, compiled to rank the layouts (docs/aot.md,
+# "Which layout is fastest"); they appear in that table only.
+ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "alt_7b_fsdp128_tensor2": ("configs/gemma_7b_v5e_fsdp.py",
+                               ("--config.mesh.ici_fsdp=128", "--config.mesh.ici_tensor=2"),
+                               "7B, one pod: fsdp 128 x tensor 2"),
+    "alt_7b_fsdp64_tensor4": ("configs/gemma_7b_v5e_fsdp.py",
+                              ("--config.mesh.ici_fsdp=64", "--config.mesh.ici_tensor=4"),
+                              "7B, one pod: fsdp 64 x tensor 4"),
+    "alt_7b_fsdp_512": ("configs/gemma_7b_v5e_fsdp.py", ("--config.train.global_batch=512",),
+                        "7B, one pod: fsdp 256"),
+    "alt_7b_fsdp128_tensor2_512": ("configs/gemma_7b_v5e_fsdp.py",
+                                   ("--config.train.global_batch=512", "--config.mesh.ici_fsdp=128",
+                                    "--config.mesh.ici_tensor=2"),
+                                   "7B, one pod: fsdp 128 x tensor 2"),
+    "alt_7b_fsdp64_tensor4_512": ("configs/gemma_7b_v5e_fsdp.py",
+                                  ("--config.train.global_batch=512", "--config.mesh.ici_fsdp=64",
+                                   "--config.mesh.ici_tensor=4"),
+                                  "7B, one pod: fsdp 64 x tensor 4"),
+    "alt_2b_1024": ("configs/gemma_2b_v5e_1pod.py", ("--config.train.global_batch=1024",),
+                    "2B, one pod: fsdp 256"),
+    "alt_2b_fsdp128_tensor2_1024": ("configs/gemma_2b_v5e_1pod.py",
+                                    ("--config.train.global_batch=1024",
+                                     "--config.mesh.ici_fsdp=128", "--config.mesh.ici_tensor=2"),
+                                    "2B, one pod: fsdp 128 x tensor 2"),
+    "alt_7b_1pod_1024": ("configs/gemma_7b_v5e_1pod.py", ("--config.train.global_batch=1024",),
+                         "7B, one pod: tensor 16 x fsdp 16 (the report's)"),
+    "alt_2b_fsdp128_tensor2": ("configs/gemma_2b_v5e_1pod.py",
+                               ("--config.mesh.ici_fsdp=128", "--config.mesh.ici_tensor=2"),
+                               "2B, one pod: fsdp 128 x tensor 2"),
+    "alt_g3_1b_fsdp64_seq4": ("configs/gemma3_1b_v5e_512.py",
+                              ("--config.mesh.ici_fsdp=64", "--config.mesh.ici_sequence=4"),
+                              "Gemma 3 1B, 2 pods: per pod fsdp 64 x sequence 4"),
+    "alt_g3_4b_fsdp64_seq4": ("configs/gemma3_4b_v5e_2048.py",
+                              ("--num_slices=2", "--config.mesh.dcn_data=2",
+                               "--config.train.global_batch=128", "--config.mesh.ici_fsdp=64",
+                               "--config.mesh.ici_sequence=4"),
+                              "Gemma 3 4B, 2 pods: per pod fsdp 64 x sequence 4"),
+    "alt_g2_9b_seq4": ("configs/gemma2_9b_v4_8x16x32.py",
+                       ("--topology=v4:8x16x32", "--config.mesh.ici_tensor=1",
+                        "--config.mesh.ici_sequence=4"),
+                       "Gemma 2 9B, v4 8x16x32: data 2 x fsdp 512 x sequence 4"),
+    "alt_g2_27b_seq8": ("configs/gemma2_27b_v5p_8x24x32.py",
+                        ("--topology=v5p:8x24x32", "--config.mesh.ici_tensor=1",
+                         "--config.mesh.ici_sequence=8"),
+                        "Gemma 2 27B, v5p 8x24x32: fsdp 768 x sequence 8"),
+}
+ROWS.update(ALTERNATIVES)
+
+# model -> the rows that train it on the same chips with the same tokens per step.
+COMPARED: dict[str, tuple[str, ...]] = {
+    "Gemma 1 7B, one v5e-256 pod, 1024 x 8192": (
+        "7b_fsdp", "alt_7b_fsdp128_tensor2", "alt_7b_fsdp64_tensor4", "alt_7b_1pod_1024"),
+    "Gemma 1 7B, one v5e-256 pod, 512 x 8192": (
+        "7b_1pod", "alt_7b_fsdp_512", "alt_7b_fsdp128_tensor2_512", "alt_7b_fsdp64_tensor4_512"),
+    "Gemma 1 2B, one v5e-256 pod, 2048 x 8192": ("2b_1pod", "alt_2b_fsdp128_tensor2"),
+    "Gemma 1 2B, one v5e-256 pod, 1024 x 8192": ("alt_2b_1024", "alt_2b_fsdp128_tensor2_1024"),
+    "Gemma 2 9B, v4 8x16x32, 1024 x 8192": ("g2_9b_v4", "alt_g2_9b_seq4"),
+    "Gemma 2 27B, v5p 8x24x32, 768 x 8192": ("g2_27b_v5p", "alt_g2_27b_seq8"),
+    "Gemma 3 1B, 2 v5e pods, 128 x 32768": ("g3_1b_512", "alt_g3_1b_fsdp64_seq4"),
+    "Gemma 3 4B, 2 v5e pods, 128 x 32768": (
+        "g3_4b_2048", "g3_4b_2048_sos", "alt_g3_4b_fsdp64_seq4"),
 }
 
 
@@ -112,12 +184,13 @@ def table(rows: list[dict]) -> str:
   head = ("| layout | chips | global batch (tokens) | peak / chip (of usable HBM) "
           "| arguments / chip | temporaries / chip | model TFLOPs / step | roofline step "
           "| step at 50% MFU | ICI bytes / chip / step | DCN bytes / chip / step "
-          "| step bounds: compute / ICI / DCN | compile (trace + TPU compile) |")
-  lines = [head, "|---|" + "---:|" * 12]
+          "| step bounds: compute / ICI / DCN | tokens / s / chip at the bounds: overlapped "
+          "/ serial | compile (trace + TPU compile) |")
+  lines = [head, "|---|" + "---:|" * 13]
   g = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
   for r in rows:
     if not r.get("ok"):
-      lines.append(f"| {r['what']} | | | does not fit: {r['error']} | | | | | | | | | |")
+      lines.append(f"| {r['what']} | | | does not fit: {r['error']} | | | | | | | | | | |")
       continue
     m = r["memory"]
     dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
@@ -125,8 +198,10 @@ def table(rows: list[dict]) -> str:
     # they were added; older rows show "-" until recompiled.
     ici = f"{r['ici_bytes_per_chip'] / 2**30:.1f} GiB" if "ici_bytes_per_chip" in r else "-"
     b = r.get("step_bounds_s")
-    bounds = "-"
+    bounds = rate = "-"
     if b:
+      per_chip = r["tokens_per_step"] / r["chips"]
+      rate = f"{per_chip / b['overlapped']:,.0f} / {per_chip / b['serial']:,.0f}"
       dcn_s = f"{b['dcn']:.2f} s" if r["num_slices"] > 1 else "-"
       if r["num_slices"] > 1 and not b["dcn"] and r["dcn_allreduce_bytes_per_chip"]:
         dcn_s = "no DCN figure"  # maxgemma.hardware has none for this chip (v4)
@@ -137,7 +212,7 @@ def table(rows: list[dict]) -> str:
         f"{g(m['usable_hbm_bytes'])} {r['chip']} | {g(m['argument_bytes'])} "
         f"| {g(m['temp_bytes'])} | {r['model_flops_per_step'] / 1e12:,.0f} "
         f"| {r['roofline_step_s']:.2f} s | {r['step_s_at_target_mfu']:.2f} s | {ici} | {dcn} "
-        f"| {bounds} | {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")
+        f"| {bounds} | {rate} | {r['lower_s']:.0f} + {r['compile_s']:.0f} s |")
   return "\n".join(lines)
 
 
@@ -189,17 +264,71 @@ def main() -> None:
   write_doc(result)
 
 
+def best_of(rows: list[dict]) -> str | None:
+  """The row with the most tokens/s per chip at the overlapped bound (to 3 significant figures:
+  layouts bound by the same compute tie), then at the serial bound; None if none compiled."""
+  done = [r for r in rows if r.get("ok") and r.get("step_bounds_s")]
+  if not done:
+    return None
+  rate = lambda r, k: r["tokens_per_step"] / r["chips"] / r["step_bounds_s"][k]  # noqa: E731
+  return max(done, key=lambda r: (float(f"{rate(r, 'overlapped'):.3g}"), rate(r, "serial")))[
+      "name"]
+
+
+def refusal(error: str) -> str:
+  """The TPU compiler's refusal in a few words (the HBM it wanted), or the error's last words."""
+  used = re.search(r"Used ([\d.]+G) of ([\d.]+G) hbm", error)
+  temps = re.search(r"HLO temporaries \(([\d.]+G)\)", error)
+  if used:
+    return f"refused: used {used[1]} of {used[2]}"
+  if temps:
+    return f"refused: {temps[1]} of temporaries"
+  return error[-120:]
+
+
+def comparison(rows: list[dict]) -> str:
+  """The markdown table of COMPARED: each model's layouts, the best in bold."""
+  by_name = {r["name"]: r for r in rows}
+  lines = ["| model, chips, batch | layout | peak / chip | ICI / chip / step | DCN / chip / step "
+           "| step bounds: compute / ICI / DCN | tokens / s / chip: overlapped / serial |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+  for model, names in COMPARED.items():
+    group = [by_name[n] for n in names if n in by_name]
+    best = best_of(group)
+    for i, r in enumerate(group):
+      label = model if i == 0 else ""
+      if not r.get("ok"):
+        lines.append(f"| {label} | {r['what']} | {refusal(r['error'])} | | | | |")
+        continue
+      b, per_chip = r["step_bounds_s"], r["tokens_per_step"] / r["chips"]
+      dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
+      what = f"**{r['what']}** (best)" if r["name"] == best else r["what"]
+      lines.append(
+          f"| {label} | {what} | {r['memory']['peak_bytes'] / 2**30:.2f} GiB "
+          f"| {r['ici_bytes_per_chip'] / 2**30:.1f} GiB | {dcn} | {b['compute']:.2f} / "
+          f"{b['ici']:.2f} / {b['dcn']:.2f} s | {per_chip / b['overlapped']:,.0f} / "
+          f"{per_chip / b['serial']:,.0f} |")
+  return "\n".join(lines)
+
+
+def _put(text: str, start: str, end: str, body: str) -> str:
+  before, rest = text.split(start, 1)
+  return before + start + body + end + rest.split(end, 1)[1]
+
+
 def write_doc(result: dict) -> None:
-  """Prints the table and puts it between the markers of docs/aot.md."""
-  md = table(result["rows"])
-  print(md)
+  """Prints the tables and puts them between their markers in docs/aot.md."""
+  main_rows = [r for r in result["rows"] if r["name"] not in ALTERNATIVES]
+  md, ranked = table(main_rows), comparison(result["rows"])
+  print(md, ranked, sep="\n\n")
   if DOC.exists() and START in DOC.read_text():
     text = DOC.read_text()
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
     stamp = (f"\n_Compiled {result['date']} with jax {result['jax']}, libtpu {result['libtpu']} "
              f"on {result['machine']}._\n\n")
-    DOC.write_text(before + START + stamp + md + "\n" + END + after)
+    text = _put(text, START, END, stamp + md + "\n")
+    if COMPARE_START in text:
+      text = _put(text, COMPARE_START, COMPARE_END, "\n" + ranked + "\n")
+    DOC.write_text(text)
 
 
 if __name__ == "__main__":

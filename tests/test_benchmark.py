@@ -60,3 +60,30 @@ def test_smoke_grid_writes_json_and_markdown(tmp_path):
   text = doc.read_text()
   assert text.count("BEGIN train_throughput smoke") == 1  # replaced, not appended
   assert "new table" in text and "cpu-tiny" not in text and "kept text" in text
+
+
+def _aot_pods():
+  spec = importlib.util.spec_from_file_location("aot_pods", ROOT / "benchmarks" / "aot_pods.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_layout_ranking_breaks_a_compute_tie_on_the_serial_bound():
+  pods = _aot_pods()
+
+  def row(name, compute, ici, ok=True):
+    return {"name": name, "ok": ok, "tokens_per_step": 1000, "chips": 10,
+            "step_bounds_s": {"overlapped": max(compute, ici), "serial": compute + ici}}
+
+  # a and b are compute-bound at the same 1.0 s (100 tokens/s/chip); b sends less over ICI.
+  # c is ICI-bound (50 tokens/s/chip); d was refused.
+  rows = [row("a", 1.0, 0.6), row("b", 1.0 + 1e-9, 0.2), row("c", 1.0, 2.0),
+          {"name": "d", "ok": False, "error": "x"}]
+  assert pods.best_of(rows) == "b"
+  assert pods.best_of([rows[0], rows[2]]) == "a"
+  assert pods.best_of([rows[3]]) is None
+  assert pods.refusal("... Used 16.16G of 15.75G hbm. Exceeded ...") == (
+      "refused: used 16.16G of 15.75G")
+  assert pods.refusal("the total memory required for HLO temporaries (19.85G) exceeds") == (
+      "refused: 19.85G of temporaries")
