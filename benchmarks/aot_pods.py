@@ -33,6 +33,7 @@ DOC = ROOT / "docs" / "aot.md"
 HLO_DIR = Path(tempfile.gettempdir()) / "aot_pods"  # compiled programs, for reading (not kept)
 START, END = "<!-- aot_pods:start -->", "<!-- aot_pods:end -->"
 COMPARE_START, COMPARE_END = "<!-- aot_layouts:start -->", "<!-- aot_layouts:end -->"
+TILES_START, TILES_END = "<!-- aot_tiles:start -->", "<!-- aot_tiles:end -->"
 
 # name -> (config file, extra flags, what the row shows)
 ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -47,6 +48,12 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
                  "Gemma 2 9B, v4 8x16x32: data 2 x fsdp 512 x tensor 4"),
     "g2_27b_v5p": ("configs/gemma2_27b_v5p_8x24x32.py", ("--topology=v5p:8x24x32",),
                    "Gemma 2 27B, v5p 8x24x32: fsdp 768 x tensor 8"),
+    "g2_9b_v4_2048": ("configs/gemma2_9b_v4_8x16x32.py",
+                      ("--topology=v4:8x16x32", "--config.train.global_batch=2048"),
+                      "Gemma 2 9B as above, 2 rows per data-parallel group"),
+    "g2_27b_v5p_1536": ("configs/gemma2_27b_v5p_8x24x32.py",
+                        ("--topology=v5p:8x24x32", "--config.train.global_batch=1536"),
+                        "Gemma 2 27B as above, 2 rows per data-parallel group"),
     "7b_fsdp": ("configs/gemma_7b_v5e_fsdp.py", (), "7B, one v5e-256 pod: fsdp 256"),
     "g3_1b_512": ("configs/gemma3_1b_v5e_512.py", (),
                   "Gemma 3 1B, 2 pods: per pod fsdp 16 x sequence 16, data 2 over DCN"),
@@ -62,13 +69,19 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "g3_4b_2048": ("configs/gemma3_4b_v5e_2048.py",
                    ("--num_slices=2", "--config.mesh.dcn_data=2",
                     "--config.train.global_batch=128"),
-                   "Gemma 3 4B, 2 of its 8 pods: per pod fsdp 16 x sequence 16, data over DCN"),
+                   "Gemma 3 4B, 2 of its 8 pods: per pod fsdp 64 x sequence 4, data over DCN"),
+    "g3_4b_report": ("configs/gemma3_4b_v5e_2048.py",
+                     ("--num_slices=2", "--config.mesh.dcn_data=2",
+                      "--config.train.global_batch=128", "--config.mesh.ici_fsdp=16",
+                      "--config.mesh.ici_sequence=16"),
+                     "Gemma 3 4B, 2 pods: per pod fsdp 16 x sequence 16 (the report's)"),
     # The 4B with its float32 state split over fsdp x sequence (docs/parallelism.md).
     "g3_4b_2048_sos": ("configs/gemma3_4b_v5e_2048.py",
                        ("--num_slices=2", "--config.mesh.dcn_data=2",
-                        "--config.train.global_batch=128",
+                        "--config.train.global_batch=128", "--config.mesh.ici_fsdp=16",
+                        "--config.mesh.ici_sequence=16",
                         "--config.mesh.shard_state_over_sequence=true"),
-                       "Gemma 3 4B as above, the state split over fsdp x sequence"),
+                       "Gemma 3 4B, the report's, the state split over fsdp x sequence"),
     "g3_12b_v4": ("configs/gemma3_12b_v4_6144.py",
                   ("--topology=v4:8x16x16", "--num_slices=2", "--config.mesh.dcn_data=2",
                    "--config.train.global_batch=256"),
@@ -97,6 +110,16 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
                                   ("--config.train.global_batch=512", "--config.mesh.ici_fsdp=64",
                                    "--config.mesh.ici_tensor=4"),
                                   "7B, one pod: fsdp 64 x tensor 4"),
+    "alt_7b_fsdp_768": ("configs/gemma_7b_v5e_fsdp.py", ("--config.train.global_batch=768",),
+                        "7B, one pod: fsdp 256"),
+    "alt_7b_fsdp128_tensor2_768": ("configs/gemma_7b_v5e_fsdp.py",
+                                   ("--config.train.global_batch=768", "--config.mesh.ici_fsdp=128",
+                                    "--config.mesh.ici_tensor=2"),
+                                   "7B, one pod: fsdp 128 x tensor 2"),
+    "alt_7b_fsdp64_tensor4_768": ("configs/gemma_7b_v5e_fsdp.py",
+                                  ("--config.train.global_batch=768", "--config.mesh.ici_fsdp=64",
+                                   "--config.mesh.ici_tensor=4"),
+                                  "7B, one pod: fsdp 64 x tensor 4"),
     "alt_2b_1024": ("configs/gemma_2b_v5e_1pod.py", ("--config.train.global_batch=1024",),
                     "2B, one pod: fsdp 256"),
     "alt_2b_fsdp128_tensor2_1024": ("configs/gemma_2b_v5e_1pod.py",
@@ -111,11 +134,11 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
     "alt_g3_1b_fsdp64_seq4": ("configs/gemma3_1b_v5e_512.py",
                               ("--config.mesh.ici_fsdp=64", "--config.mesh.ici_sequence=4"),
                               "Gemma 3 1B, 2 pods: per pod fsdp 64 x sequence 4"),
-    "alt_g3_4b_fsdp64_seq4": ("configs/gemma3_4b_v5e_2048.py",
-                              ("--num_slices=2", "--config.mesh.dcn_data=2",
-                               "--config.train.global_batch=128", "--config.mesh.ici_fsdp=64",
-                               "--config.mesh.ici_sequence=4"),
-                              "Gemma 3 4B, 2 pods: per pod fsdp 64 x sequence 4"),
+    "alt_g3_12b_data4_fsdp32": ("configs/gemma3_12b_v4_6144.py",
+                                ("--topology=v4:8x16x16", "--num_slices=2",
+                                 "--config.mesh.dcn_data=2", "--config.train.global_batch=256",
+                                 "--config.mesh.ici_data=4", "--config.mesh.ici_fsdp=32"),
+                                "Gemma 3 12B, 2 slices: per slice data 4 x fsdp 32 x sequence 16"),
     "alt_g2_9b_seq4": ("configs/gemma2_9b_v4_8x16x32.py",
                        ("--topology=v4:8x16x32", "--config.mesh.ici_tensor=1",
                         "--config.mesh.ici_sequence=4"),
@@ -125,12 +148,36 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
                          "--config.mesh.ici_sequence=8"),
                         "Gemma 2 27B, v5p 8x24x32: fsdp 768 x sequence 8"),
 }
+_BLOCKS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+           "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
+
+
+def _tiles(tile: int, fused: bool = False) -> tuple[str, ...]:
+  """Flags setting every splash tile to `tile` (the dq tiles 0 with the fused backward)."""
+  return tuple(f"--config.model.splash_{b}={0 if fused and b.endswith('_dq') else tile}"
+               for b in _BLOCKS) + (f"--config.model.splash_fused_bwd={fused}",)
+
+
+# The splash tiles of the configs closest to the HBM limit (every tile 512, separate dq kernel)
+# against other choices; docs/aot.md, "Splash tiles".
+for _model, _config, _base in (("7b_fsdp", "configs/gemma_7b_v5e_fsdp.py", "7B, fsdp 256"),
+                               ("2b_1pod", "configs/gemma_2b_v5e_1pod.py", "2B, fsdp 256")):
+  for _tile, _fused in ((256, False), (1024, False), (512, True)):
+    ALTERNATIVES[f"tiles_{_model}_{_tile}{'_fused' if _fused else ''}"] = (
+        _config, _tiles(_tile, _fused),
+        f"{_base}: every tile {_tile}" + (", fused backward" if _fused else ""))
+TILES = {"7B, one v5e-256 pod, fsdp 256, 1024 x 8192": (
+             "7b_fsdp", *(n for n in ALTERNATIVES if n.startswith("tiles_7b_fsdp"))),
+         "2B, one v5e-256 pod, fsdp 256, 2048 x 8192": (
+             "2b_1pod", *(n for n in ALTERNATIVES if n.startswith("tiles_2b_1pod")))}
 ROWS.update(ALTERNATIVES)
 
 # model -> the rows that train it on the same chips with the same tokens per step.
 COMPARED: dict[str, tuple[str, ...]] = {
     "Gemma 1 7B, one v5e-256 pod, 1024 x 8192": (
         "7b_fsdp", "alt_7b_fsdp128_tensor2", "alt_7b_fsdp64_tensor4", "alt_7b_1pod_1024"),
+    "Gemma 1 7B, one v5e-256 pod, 768 x 8192": (
+        "alt_7b_fsdp_768", "alt_7b_fsdp128_tensor2_768", "alt_7b_fsdp64_tensor4_768"),
     "Gemma 1 7B, one v5e-256 pod, 512 x 8192": (
         "7b_1pod", "alt_7b_fsdp_512", "alt_7b_fsdp128_tensor2_512", "alt_7b_fsdp64_tensor4_512"),
     "Gemma 1 2B, one v5e-256 pod, 2048 x 8192": ("2b_1pod", "alt_2b_fsdp128_tensor2"),
@@ -138,8 +185,9 @@ COMPARED: dict[str, tuple[str, ...]] = {
     "Gemma 2 9B, v4 8x16x32, 1024 x 8192": ("g2_9b_v4", "alt_g2_9b_seq4"),
     "Gemma 2 27B, v5p 8x24x32, 768 x 8192": ("g2_27b_v5p", "alt_g2_27b_seq8"),
     "Gemma 3 1B, 2 v5e pods, 128 x 32768": ("g3_1b_512", "alt_g3_1b_fsdp64_seq4"),
+    "Gemma 3 12B, 2 v4 8x16x16 slices, 256 x 32768": ("g3_12b_v4", "alt_g3_12b_data4_fsdp32"),
     "Gemma 3 4B, 2 v5e pods, 128 x 32768": (
-        "g3_4b_2048", "g3_4b_2048_sos", "alt_g3_4b_fsdp64_seq4"),
+        "g3_4b_2048", "g3_4b_report", "g3_4b_2048_sos"),
 }
 
 
@@ -279,6 +327,9 @@ def refusal(error: str) -> str:
   """The TPU compiler's refusal in a few words (the HBM it wanted), or the error's last words."""
   used = re.search(r"Used ([\d.]+G) of ([\d.]+G) hbm", error)
   temps = re.search(r"HLO temporaries \(([\d.]+G)\)", error)
+  if "memory space vmem" in error:
+    kernel = re.search(r"allocating on stack for %(\w+)", error)
+    return "refused: out of VMEM" + (f" in {kernel[1]}" if kernel else "")
   if used:
     return f"refused: used {used[1]} of {used[2]}"
   if temps:
@@ -311,6 +362,25 @@ def comparison(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def tiles_table(rows: list[dict]) -> str:
+  """The markdown table of TILES: each config's peak per chip under other splash tiles."""
+  by_name = {r["name"]: r for r in rows}
+  lines = ["| config, batch | splash tiles | peak / chip | temporaries / chip |",
+           "|---|---|---:|---:|"]
+  for model, names in TILES.items():
+    for i, name in enumerate(n for n in names if n in by_name):
+      r = by_name[name]
+      what = r["what"].split(": ", 1)[1] if name.startswith("tiles_") else (
+          "every tile 512 (the config)")
+      if not r.get("ok"):
+        lines.append(f"| {model if i == 0 else ''} | {what} | {refusal(r['error'])} | |")
+        continue
+      m = r["memory"]
+      lines.append(f"| {model if i == 0 else ''} | {what} | {m['peak_bytes'] / 2**30:.2f} GiB "
+                   f"| {m['temp_bytes'] / 2**30:.2f} GiB |")
+  return "\n".join(lines)
+
+
 def _put(text: str, start: str, end: str, body: str) -> str:
   before, rest = text.split(start, 1)
   return before + start + body + end + rest.split(end, 1)[1]
@@ -328,6 +398,8 @@ def write_doc(result: dict) -> None:
     text = _put(text, START, END, stamp + md + "\n")
     if COMPARE_START in text:
       text = _put(text, COMPARE_START, COMPARE_END, "\n" + ranked + "\n")
+    if TILES_START in text:
+      text = _put(text, TILES_START, TILES_END, "\n" + tiles_table(result["rows"]) + "\n")
     DOC.write_text(text)
 
 

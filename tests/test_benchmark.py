@@ -87,3 +87,6 @@ def test_layout_ranking_breaks_a_compute_tie_on_the_serial_bound():
       "refused: used 16.16G of 15.75G")
   assert pods.refusal("the total memory required for HLO temporaries (19.85G) exceeds") == (
       "refused: 19.85G of temporaries")
+  assert pods.refusal("Ran out of memory in memory space vmem while allocating on stack for "
+                      "%splash_mha_dkv.1 = (f32[4,1024,256]") == (
+      "refused: out of VMEM in splash_mha_dkv")
