@@ -55,6 +55,7 @@ ROWS: dict[str, tuple[str, tuple[str, ...], str]] = {
                         ("--topology=v5p:8x24x32", "--config.train.global_batch=1536"),
                         "Gemma 2 27B as above, 2 rows per data-parallel group"),
     "7b_fsdp": ("configs/gemma_7b_v5e_fsdp.py", (), "7B, one v5e-256 pod: fsdp 256"),
+    "7b": ("configs/gemma_7b_v5e.py", (), "7B, one v5e-256 pod: fsdp 128 x tensor 2"),
     "g3_1b_512": ("configs/gemma3_1b_v5e_512.py", (),
                   "Gemma 3 1B, 2 pods: per pod fsdp 16 x sequence 16, data 2 over DCN"),
     "sft_7b_v5e8": ("configs/sft_gemma_7b_v5e.py", ("--topology=v5e:2x4",),
@@ -112,10 +113,6 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
                                   "7B, one pod: fsdp 64 x tensor 4"),
     "alt_7b_fsdp_768": ("configs/gemma_7b_v5e_fsdp.py", ("--config.train.global_batch=768",),
                         "7B, one pod: fsdp 256"),
-    "alt_7b_fsdp128_tensor2_768": ("configs/gemma_7b_v5e_fsdp.py",
-                                   ("--config.train.global_batch=768", "--config.mesh.ici_fsdp=128",
-                                    "--config.mesh.ici_tensor=2"),
-                                   "7B, one pod: fsdp 128 x tensor 2"),
     "alt_7b_fsdp64_tensor4_768": ("configs/gemma_7b_v5e_fsdp.py",
                                   ("--config.train.global_batch=768", "--config.mesh.ici_fsdp=64",
                                    "--config.mesh.ici_tensor=4"),
@@ -139,6 +136,10 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
                                  "--config.mesh.dcn_data=2", "--config.train.global_batch=256",
                                  "--config.mesh.ici_data=4", "--config.mesh.ici_fsdp=32"),
                                 "Gemma 3 12B, 2 slices: per slice data 4 x fsdp 32 x sequence 16"),
+    "alt_g3_27b_data8_seq32": ("configs/gemma3_27b_v5p_6144.py",
+                               ("--topology=v5p:8x24x32", "--config.mesh.ici_data=8",
+                                "--config.mesh.ici_sequence=32"),
+                               "Gemma 3 27B, v5p 8x24x32: data 8 x fsdp 24 x sequence 32"),
     "alt_g2_9b_seq4": ("configs/gemma2_9b_v4_8x16x32.py",
                        ("--topology=v4:8x16x32", "--config.mesh.ici_tensor=1",
                         "--config.mesh.ici_sequence=4"),
@@ -177,7 +178,7 @@ COMPARED: dict[str, tuple[str, ...]] = {
     "Gemma 1 7B, one v5e-256 pod, 1024 x 8192": (
         "7b_fsdp", "alt_7b_fsdp128_tensor2", "alt_7b_fsdp64_tensor4", "alt_7b_1pod_1024"),
     "Gemma 1 7B, one v5e-256 pod, 768 x 8192": (
-        "alt_7b_fsdp_768", "alt_7b_fsdp128_tensor2_768", "alt_7b_fsdp64_tensor4_768"),
+        "alt_7b_fsdp_768", "7b", "alt_7b_fsdp64_tensor4_768"),
     "Gemma 1 7B, one v5e-256 pod, 512 x 8192": (
         "7b_1pod", "alt_7b_fsdp_512", "alt_7b_fsdp128_tensor2_512", "alt_7b_fsdp64_tensor4_512"),
     "Gemma 1 2B, one v5e-256 pod, 2048 x 8192": ("2b_1pod", "alt_2b_fsdp128_tensor2"),
@@ -186,6 +187,7 @@ COMPARED: dict[str, tuple[str, ...]] = {
     "Gemma 2 27B, v5p 8x24x32, 768 x 8192": ("g2_27b_v5p", "alt_g2_27b_seq8"),
     "Gemma 3 1B, 2 v5e pods, 128 x 32768": ("g3_1b_512", "alt_g3_1b_fsdp64_seq4"),
     "Gemma 3 12B, 2 v4 8x16x16 slices, 256 x 32768": ("g3_12b_v4", "alt_g3_12b_data4_fsdp32"),
+    "Gemma 3 27B, v5p 8x24x32, 768 x 32768": ("g3_27b_v5p", "alt_g3_27b_data8_seq32"),
     "Gemma 3 4B, 2 v5e pods, 128 x 32768": (
         "g3_4b_2048", "g3_4b_report", "g3_4b_2048_sos"),
 }
