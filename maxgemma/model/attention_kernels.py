@@ -12,7 +12,9 @@
   queries and its key/value chunk; for as many steps as there are length shards it attends its
   queries to the chunk it holds (online softmax: running max and sum, float32 accumulator) and
   passes the chunk and its segment ids on to the next shard (`lax.ppermute`). Keys and values
-  are never gathered; the scores live one [L/P, L/P] block per head at a time. Without a split
+  are never gathered; the scores live one [L/P, L/P] block per head at a time. The backward
+  pass (a custom VJP) rings the chunks round again with their dk/dv accumulators, from the
+  forward's log-sum-exp: nothing per step is kept. Without a split
   length (no `sequence` axis, or size 1) there is nothing to ring over: it falls back. Splash
   keeps the all-gather form below.
 
@@ -307,24 +309,45 @@ def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: in
                 ) -> Array:
   """One shard's ring: its L queries (L = the whole length / `shards`) against each of the
   `shards` key/value chunks in turn, the chunk passed on to the next shard along `axes` after
-  each step. Positions are global: this shard's index along `axes` times L, plus the offset."""
+  each step. Positions are global: this shard's index along `axes` times L, plus the offset.
+  The backward pass rings again (`_ring_bwd`): it keeps only the inputs, the output and each
+  query's log-sum-exp, never a step's chunk."""
+  return _ring_vjp(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards, window, softcap)
+
+
+def _ring_geometry(q_BLNH, k_BSKH, axes, shards: int, window: int):
+  """This shard's query positions, and `needed(chunk)`: whether any of its queries sees a key of
+  key/value chunk `chunk` (not all after the queries, not all out of the window)."""
+  B, L = q_BLNH.shape[:2]
+  me = jax.lax.axis_index(axes)
+  q_pos_BL = jnp.broadcast_to(me * L + jnp.arange(L), (B, L))
+
+  def needed(chunk):
+    return (chunk <= me) & ((me - chunk) * L - (L - 1) < window)
+
+  def mask(k_seg_BS, seg_BL, chunk):
+    k_pos_BS = jnp.broadcast_to(chunk * L + jnp.arange(L), (B, L))
+    return attention_mask(q_pos_BL, k_pos_BS, seg_BL, k_seg_BS, window)
+
+  return me, needed, mask
+
+
+def _ring_fwd(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards: int, window: int, softcap):
+  """The ring's output [B, L, N, H] and each query's log-sum-exp [B, K, G, L] (float32)."""
   B, L, N, H = q_BLNH.shape
   K = k_BSKH.shape[2]
   G = N // K
   q_BLKGH = q_BLNH.reshape(B, L, K, G, H)
-  me = jax.lax.axis_index(axes)
-  q_pos_BL = jnp.broadcast_to(me * L + jnp.arange(L), (B, L))
+  me, needed, mask = _ring_geometry(q_BLNH, k_BSKH, axes, shards, window)
   perm = [(i, (i + 1) % shards) for i in range(shards)]  # step t: shard i holds chunk i - t
 
   def block(carry, k_BSKH, v_BSKH, k_seg_BS, chunk):
     """The online-softmax update of the running max, sum and output with one key chunk."""
     m_BKGL, l_BKGL, acc_BKGLH = carry
-    k_pos_BS = jnp.broadcast_to(chunk * L + jnp.arange(L), (B, L))
-    mask_BLS = attention_mask(q_pos_BL, k_pos_BS, seg_BL, k_seg_BS, window)
+    mask_BLS = mask(k_seg_BS, seg_BL, chunk)
     logits_BKGLS = masked_logits(q_BLKGH, k_BSKH, mask_BLS, softcap)
     mask_B11LS = mask_BLS[:, None, None]
-    # The max only shifts the exponent (it cancels in acc / l): no gradient through it.
-    m_new_BKGL = jax.lax.stop_gradient(jnp.maximum(m_BKGL, logits_BKGLS.max(-1)))
+    m_new_BKGL = jnp.maximum(m_BKGL, logits_BKGLS.max(-1))
     # Masked keys weigh 0 exactly, also in a row with no key in this block (m_new = finfo.min).
     p_BKGLS = jnp.where(mask_B11LS, jnp.exp(logits_BKGLS - m_new_BKGL[..., None]), 0.0)
     scale_BKGL = jnp.exp(m_BKGL - m_new_BKGL)
@@ -334,14 +357,10 @@ def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: in
     acc_BKGLH = acc_BKGLH * scale_BKGL[..., None] + pv_BKGLH
     return m_new_BKGL, l_BKGL, acc_BKGLH
 
-  # Recomputed in the backward pass: no block's probabilities are kept.
-  block = jax.checkpoint(block)
-
   def step(carry, k_BSKH, v_BSKH, k_seg_BS, t):
     chunk = (me - t) % shards
-    # Skip a block the mask excludes whole: keys all after the queries, or all out of window.
-    needed = (chunk <= me) & ((me - chunk) * L - (L - 1) < window)
-    return jax.lax.cond(needed, block, lambda c, *_: c, carry, k_BSKH, v_BSKH, k_seg_BS, chunk)
+    return jax.lax.cond(needed(chunk), block, lambda c, *_: c, carry, k_BSKH, v_BSKH, k_seg_BS,
+                        chunk)
 
   def ring_step(state, t):
     carry, k_BSKH, v_BSKH, k_seg_BS = state
@@ -354,10 +373,76 @@ def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: in
            jnp.zeros((B, K, G, L), jnp.float32), jnp.zeros((B, K, G, L, H), jnp.float32))
   (carry, k_BSKH, v_BSKH, seg_BS), _ = jax.lax.scan(
       ring_step, (carry, k_BSKH, v_BSKH, seg_BL), jnp.arange(shards - 1))
-  _, l_BKGL, acc_BKGLH = step(carry, k_BSKH, v_BSKH, seg_BS, shards - 1)  # the last chunk
+  m_BKGL, l_BKGL, acc_BKGLH = step(carry, k_BSKH, v_BSKH, seg_BS, shards - 1)  # the last chunk
   # Every query attends at least itself (causal, same segment, window >= 1): l > 0.
-  out_BKGLH = acc_BKGLH / jnp.where(l_BKGL > 0, l_BKGL, 1.0)[..., None]
-  return jnp.einsum("BKGLH->BLKGH", out_BKGLH).reshape(B, L, N, H).astype(q_BLNH.dtype)
+  l_BKGL = jnp.where(l_BKGL > 0, l_BKGL, 1.0)
+  out_BKGLH = acc_BKGLH / l_BKGL[..., None]
+  out_BLNH = jnp.einsum("BKGLH->BLKGH", out_BKGLH).reshape(B, L, N, H).astype(q_BLNH.dtype)
+  return out_BLNH, m_BKGL + jnp.log(l_BKGL)
+
+
+def _ring_bwd(axes, shards: int, window: int, softcap, residuals, dout_BLNH):
+  """Gradients of the ring: the key/value chunks go round again, each with its dk and dv
+  accumulators, and after `shards` steps every chunk and its gradients are back home."""
+  q_BLNH, k_BSKH, v_BSKH, seg_BL, out_BLNH, lse_BKGL = residuals
+  B, L, N, H = q_BLNH.shape
+  K = k_BSKH.shape[2]
+  G = N // K
+  f32 = jnp.float32
+  q_BLKGH = q_BLNH.reshape(B, L, K, G, H)
+  do_BLKGH = dout_BLNH.reshape(B, L, K, G, H).astype(f32)
+  # D = rowsum(dO * O): the softmax backward's correction term, per query.
+  d_BKGL = jnp.einsum("BLKGH,BLKGH->BKGL", do_BLKGH, out_BLNH.reshape(B, L, K, G, H).astype(f32))
+  me, needed, mask = _ring_geometry(q_BLNH, k_BSKH, axes, shards, window)
+  perm = [(i, (i + 1) % shards) for i in range(shards)]
+
+  def block(grads, k_BSKH, v_BSKH, k_seg_BS, chunk):
+    dq_BLKGH, dk_BSKH, dv_BSKH = grads
+    mask_BLS = mask(k_seg_BS, seg_BL, chunk)
+    logits_BKGLS = masked_logits(q_BLKGH, k_BSKH, mask_BLS, softcap)
+    p_BKGLS = jnp.where(mask_BLS[:, None, None], jnp.exp(logits_BKGLS - lse_BKGL[..., None]),
+                        0.0)
+    dv_BSKH = dv_BSKH + jnp.einsum("BKGLS,BLKGH->BSKH", p_BKGLS, do_BLKGH)
+    dp_BKGLS = jnp.einsum("BLKGH,BSKH->BKGLS", do_BLKGH, v_BSKH, preferred_element_type=f32)
+    ds_BKGLS = p_BKGLS * (dp_BKGLS - d_BKGL[..., None])  # wrt the (soft-capped) logits
+    if softcap is not None:  # logits = c tanh(s / c): d logits / d s = 1 - (logits / c)^2
+      # (masked keys carry finfo.min, whose square overflows: their factor is 0, as their p)
+      ds_BKGLS = ds_BKGLS * jnp.where(mask_BLS[:, None, None],
+                                      1.0 - jnp.square(logits_BKGLS / softcap), 0.0)
+    dq_BLKGH = dq_BLKGH + jnp.einsum("BKGLS,BSKH->BLKGH", ds_BKGLS, k_BSKH,
+                                     preferred_element_type=f32)
+    dk_BSKH = dk_BSKH + jnp.einsum("BKGLS,BLKGH->BSKH", ds_BKGLS, q_BLKGH,
+                                   preferred_element_type=f32)
+    return dq_BLKGH, dk_BSKH, dv_BSKH
+
+  def ring_step(state, t):
+    dq_BLKGH, k_BSKH, v_BSKH, k_seg_BS, dk_BSKH, dv_BSKH = state
+    chunk = (me - t) % shards
+    dq_BLKGH, dk_BSKH, dv_BSKH = jax.lax.cond(
+        needed(chunk), block, lambda g, *_: g, (dq_BLKGH, dk_BSKH, dv_BSKH), k_BSKH, v_BSKH,
+        k_seg_BS, chunk)
+    k_BSKH, v_BSKH, k_seg_BS, dk_BSKH, dv_BSKH = (
+        jax.lax.ppermute(x, axes, perm) for x in (k_BSKH, v_BSKH, k_seg_BS, dk_BSKH, dv_BSKH))
+    return (dq_BLKGH, k_BSKH, v_BSKH, k_seg_BS, dk_BSKH, dv_BSKH), None
+
+  zeros_kv = jnp.zeros(k_BSKH.shape, f32)
+  state = (jnp.zeros((B, L, K, G, H), f32), k_BSKH, v_BSKH, seg_BL, zeros_kv, zeros_kv)
+  (dq_BLKGH, _, _, _, dk_BSKH, dv_BSKH), _ = jax.lax.scan(ring_step, state, jnp.arange(shards))
+  return (dq_BLKGH.reshape(B, L, N, H).astype(q_BLNH.dtype), dk_BSKH.astype(k_BSKH.dtype),
+          dv_BSKH.astype(v_BSKH.dtype), None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _ring_vjp(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards, window, softcap):
+  return _ring_fwd(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards, window, softcap)[0]
+
+
+def _ring_vjp_fwd(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards, window, softcap):
+  out_BLNH, lse_BKGL = _ring_fwd(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards, window, softcap)
+  return out_BLNH, (q_BLNH, k_BSKH, v_BSKH, seg_BL, out_BLNH, lse_BKGL)
+
+
+_ring_vjp.defvjp(_ring_vjp_fwd, _ring_bwd)
 
 
 def _segment_ids(segment_ids_BL: Array | None, B: int, L: int) -> Array:
