@@ -3,7 +3,9 @@
 Each row runs `python -m maxgemma.aot` (one process per compile, one at a time) on this
 CPU-only machine with libtpu and records per-chip memory, model FLOPs per step, the roofline step
 time, the cross-slice traffic and the compile time. Writes `benchmarks/results/aot_pods.json` and
-the table between the markers in `docs/aot.md`; the compiled HLO text goes to
+three tables between their markers in `docs/aot.md`: the pod layouts (ROWS), each model's
+layouts ranked by their step bounds (COMPARED, `best_of`; the ALTERNATIVES rows appear only
+there) and the splash tiles of two configs (TILES). The compiled HLO text goes to
 /tmp/aot_pods/NAME.hlo.txt (for reading, not kept).
 
   .venv/bin/python benchmarks/aot_pods.py [--rows 7b_1pod,2b_2pods] [--keep]
@@ -26,6 +28,8 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+from maxgemma.model.config import SPLASH_BLOCKS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "aot_pods.json"
@@ -149,14 +153,11 @@ ALTERNATIVES: dict[str, tuple[str, tuple[str, ...], str]] = {
                          "--config.mesh.ici_sequence=8"),
                         "Gemma 2 27B, v5p 8x24x32: fsdp 768 x sequence 8"),
 }
-_BLOCKS = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
-           "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
-
 
 def _tiles(tile: int, fused: bool = False) -> tuple[str, ...]:
   """Flags setting every splash tile to `tile` (the dq tiles 0 with the fused backward)."""
   return tuple(f"--config.model.splash_{b}={0 if fused and b.endswith('_dq') else tile}"
-               for b in _BLOCKS) + (f"--config.model.splash_fused_bwd={fused}",)
+               for b in SPLASH_BLOCKS) + (f"--config.model.splash_fused_bwd={fused}",)
 
 
 # The splash tiles of the configs closest to the HBM limit (every tile 512, separate dq kernel)
