@@ -258,3 +258,29 @@ def test_offloaded_optimizer_state_is_host_memory_in_the_tpu_program(two_slices)
   assert r["memory"]["host_argument_bytes"] >= opt_bytes > 0
   assert r["memory"]["argument_bytes"] <= on_device - opt_bytes
   assert two_slices["memory"]["host_argument_bytes"] == 0
+
+
+# The Gemma 3 report's layouts (Table 2, data x sequence x replica; shared/REFERENCE.md section 4):
+# its data is `fsdp` (ZeRO-3), its sequence `sequence`, its replicas `data` (ICI x DCN).
+@pytest.mark.parametrize("name,overrides,topology,slices,report", [
+    ("gemma3_1b_v5e_512", {}, "v5e:16x16", 2, (16, 16, 2)),
+    ("gemma3_4b_v5e_2048", {"ici_fsdp": 16, "ici_sequence": 16}, "v5e:16x16", 8, (16, 16, 8)),
+    ("gemma3_12b_v4_6144", {}, "v4:8x16x16", 3, (16, 16, 24)),
+    ("gemma3_27b_v5p_6144", {}, "v5p:8x24x32", 1, (24, 8, 32)),
+])
+def test_gemma3_pod_configs_give_the_report_layouts(name, overrides, topology, slices, report):
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  for key, value in overrides.items():  # the override the docstring names
+    assert f"--config.mesh.{key}={value}" in module.__doc__
+    c.mesh[key] = value
+  assert c.train.seq_len == 32768 and c.model.attention_impl == "splash"
+  mesh = aot.topology_mesh(c.mesh, topology, slices)  # libtpu's devices of the real slices
+  data, sequence, replicas = report
+  assert mesh.devices.size == data * sequence * replicas
+  assert (mesh.shape["fsdp"], mesh.shape["sequence"], mesh.shape["data"]) == report
+  assert mesh.shape["tensor"] == 1
+  model_config(c)  # validates the splash tiles against the length per chip
+  assert c.train.global_batch % (data * replicas) == 0  # whole rows per data-parallel group
