@@ -13,25 +13,13 @@ Train on the pods (see docs/tpu.md):
   python -m maxgemma.train --config=configs/gemma_7b_v5e_16pods.py --workdir=gs://BUCKET/7b
 """
 
-from maxgemma.config import base_config, use_splash
+from configs import gemma_7b_v5e_1pod
 
 PODS = 16
 
 
 def get_config():
-  c = base_config()
-  c.model.preset = "gemma1_7b"
-  c.model.dtype = "bfloat16"  # compute; parameters and Adam moments stay float32
-  c.model.remat_policy = "full"
-  # The Pallas splash kernel: no [8192, 8192] scores per head while a layer is recomputed. Tiles
-  # as measured by the AOT compile (docs/aot.md).
-  use_splash(c.model, 512)
-  c.train.seq_len = 8192
+  c = gemma_7b_v5e_1pod.get_config()  # each pod's layout, splash tiles, remat and loss chunks
   c.train.global_batch = PODS * 512  # each pod's share as in gemma_7b_v5e_1pod.py: 67M tokens
-  c.train.loss_chunk = 512  # no [B, 8192, 256128] float32 logits; 1024: 16 pods do not fit
-  c.mesh.ici_data = 1
-  c.mesh.ici_fsdp = 16
-  c.mesh.ici_tensor = 16
-  c.mesh.shard_residuals = True  # residuals split over tensor between blocks (docs/parallelism.md)
   c.mesh.dcn_data = PODS
   return c
