@@ -141,7 +141,13 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hlo_text = compiled.as_text()
   sends = hlo.dcn_allreduce_sends(hlo_text)
-  ici_bytes = sum(c["sent_bytes"] for c in hlo.ici_collectives(hlo_text))
+  collectives = hlo.ici_collectives(hlo_text)
+  ici_bytes = sum(c["sent_bytes"] for c in collectives)
+  # Per kind and group size ("all-gather x16"): which collectives, over how many chips.
+  ici_by_kind: dict[str, int] = {}
+  for c in sorted(collectives, key=lambda c: (c["kind"], c["group"])):
+    key = f"{c['kind']} x{c['group']}"
+    ici_by_kind[key] = ici_by_kind.get(key, 0) + c["sent_bytes"]
   dcn_bytes = hlo.sends_bytes(sends)
   bounds = {"compute": roofline_s,
             "ici": ici_bytes / chip.ici_bytes_per_s if chip.ici_bytes_per_s else 0.0,
@@ -185,6 +191,7 @@ def compile_train_step(cfg: ml_collections.ConfigDict, topology: str = "v5e:16x1
       # published bandwidths: `overlapped` (the slowest of compute, ICI and DCN) and `serial`
       # (their sum).
       "ici_bytes_per_chip": ici_bytes,
+      "ici_bytes_by_kind": ici_by_kind,
       "step_bounds_s": {**bounds, "overlapped": max(bounds.values()),
                         "serial": sum(bounds.values())},
       "tokens_per_s_per_chip_bound": tokens / max(bounds.values()) / chips,
@@ -247,6 +254,9 @@ def format_report(r: dict[str, Any]) -> str:
                f"sent per chip per step; step bounds: compute {b['compute']:.2f} s, ICI "
                f"{b['ici']:.2f} s, DCN {b['dcn']:.2f} s -> {b['overlapped']:.2f} s overlapped, "
                f"{b['serial']:.2f} s serial")
+  if r.get("ici_bytes_by_kind"):
+    lines.append("    by kind and group size: " + ", ".join(
+        f"{k} {v / 2**30:.2f} GiB" for k, v in r["ici_bytes_by_kind"].items()))
   return "\n".join(lines)
 
 

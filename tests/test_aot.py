@@ -103,6 +103,9 @@ def test_slice_collectives_and_step_bounds(two_slices):
   params = sum(x.size for x in jax.tree.leaves(r["state"]["params"]))
   ici = r["ici_bytes_per_chip"]
   assert ici == sum(c["sent_bytes"] for c in hlo.ici_collectives(r["compiled"].as_text()))
+  assert sum(r["ici_bytes_by_kind"].values()) == ici
+  # ZeRO-3 over the slice's 4 chips: parameters gathered and gradients reduce-scattered over 4.
+  assert r["ici_bytes_by_kind"].get("all-gather x4", 0) > 0
   assert 3 * params <= ici <= 24 * params, (ici, params)
   b = r["step_bounds_s"]
   assert b["ici"] == pytest.approx(ici / 200e9) and b["compute"] == r["roofline_step_s"]
