@@ -19,7 +19,9 @@ def get_config():
   use_splash(c.model, 512)
   c.train.seq_len = 8192
   c.train.global_batch = 2048  # 8 rows per chip, as per pod in configs/gemma_2b_v5e_2pods.py
-  c.train.loss_chunk = 256  # no [B, 8192, 256128] float32 logits (the vocabulary is not sharded)
+  # No [B, 8192, 256128] float32 logits (the vocabulary is not sharded); 512 rather than 256:
+  # half the chunks, each gathering the tied embedding (docs/aot.md, "What the ICI bytes are").
+  c.train.loss_chunk = 512
   c.mesh.ici_data = 1
   c.mesh.ici_fsdp = 256
   return c
