@@ -1,9 +1,13 @@
 """Gemma 1 2B on one v5e-256 pod: 256-way data parallelism with ZeRO-3 (fsdp over all chips).
+
 The in-pod layout of the Gemma report's 2B run (2 pods: configs/gemma_2b_v5e_2pods.py, the same
 per-pod program plus the cross-pod reduction). Compile it for the real TPU on a CPU machine
 (prints per-chip memory, FLOPs, roofline time):
+
   python -m maxgemma.aot --config=configs/gemma_2b_v5e_1pod.py --topology=v5e:16x16
+
 Train on a v5e-256 (see docs/tpu.md):
+
   python -m maxgemma.train --config=configs/gemma_2b_v5e_1pod.py --workdir=gs://BUCKET/2b
 """
 

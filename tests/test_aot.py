@@ -104,7 +104,7 @@ def test_slice_collectives_and_step_bounds(two_slices):
   ici = r["ici_bytes_per_chip"]
   assert ici == sum(c["sent_bytes"] for c in hlo.ici_collectives(r["compiled"].as_text()))
   assert sum(r["ici_bytes_by_kind"].values()) == ici
-  # ZeRO-3 over the slice's 4 chips: parameters gathered and gradients reduce-scattered over 4.
+  # ZeRO-3 over the slice's 4 chips: the parameters are all-gathered over the 4.
   assert r["ici_bytes_by_kind"].get("all-gather x4", 0) > 0
   assert 3 * params <= ici <= 24 * params, (ici, params)
   b = r["step_bounds_s"]

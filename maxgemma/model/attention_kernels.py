@@ -315,10 +315,12 @@ def _ring_local(q_BLNH, k_BSKH, v_BSKH, seg_BL, *, axes, shards: int, window: in
   return _ring_vjp(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards, window, softcap)
 
 
-def _ring_geometry(q_BLNH, k_BSKH, axes, shards: int, window: int):
-  """This shard's query positions, and `needed(chunk)`: whether any of its queries sees a key of
-  key/value chunk `chunk` (not all after the queries, not all out of the window)."""
-  B, L = q_BLNH.shape[:2]
+def _ring_geometry(B: int, L: int, axes, shards: int, window: int):
+  """What the forward and backward rings share: this shard's index `me` along `axes`;
+  `needed(chunk)`, whether any of its L queries sees a key of key/value chunk `chunk` (not all
+  after the queries, not all out of the window); `mask(k_seg_BS, seg_BL, chunk)`, the [B, L, L]
+  mask of its queries against that chunk on global positions; and `perm`, the ring's
+  permutation (step t: shard i holds chunk i - t)."""
   me = jax.lax.axis_index(axes)
   q_pos_BL = jnp.broadcast_to(me * L + jnp.arange(L), (B, L))
 
@@ -329,7 +331,7 @@ def _ring_geometry(q_BLNH, k_BSKH, axes, shards: int, window: int):
     k_pos_BS = jnp.broadcast_to(chunk * L + jnp.arange(L), (B, L))
     return attention_mask(q_pos_BL, k_pos_BS, seg_BL, k_seg_BS, window)
 
-  return me, needed, mask
+  return me, needed, mask, [(i, (i + 1) % shards) for i in range(shards)]
 
 
 def _ring_fwd(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards: int, window: int, softcap):
@@ -338,8 +340,7 @@ def _ring_fwd(q_BLNH, k_BSKH, v_BSKH, seg_BL, axes, shards: int, window: int, so
   K = k_BSKH.shape[2]
   G = N // K
   q_BLKGH = q_BLNH.reshape(B, L, K, G, H)
-  me, needed, mask = _ring_geometry(q_BLNH, k_BSKH, axes, shards, window)
-  perm = [(i, (i + 1) % shards) for i in range(shards)]  # step t: shard i holds chunk i - t
+  me, needed, mask, perm = _ring_geometry(B, L, axes, shards, window)
 
   def block(carry, k_BSKH, v_BSKH, k_seg_BS, chunk):
     """The online-softmax update of the running max, sum and output with one key chunk."""
@@ -393,8 +394,7 @@ def _ring_bwd(axes, shards: int, window: int, softcap, residuals, dout_BLNH):
   do_BLKGH = dout_BLNH.reshape(B, L, K, G, H).astype(f32)
   # D = rowsum(dO * O): the softmax backward's correction term, per query.
   d_BKGL = jnp.einsum("BLKGH,BLKGH->BKGL", do_BLKGH, out_BLNH.reshape(B, L, K, G, H).astype(f32))
-  me, needed, mask = _ring_geometry(q_BLNH, k_BSKH, axes, shards, window)
-  perm = [(i, (i + 1) % shards) for i in range(shards)]
+  me, needed, mask, perm = _ring_geometry(B, L, axes, shards, window)
 
   def block(grads, k_BSKH, v_BSKH, k_seg_BS, chunk):
     dq_BLKGH, dk_BSKH, dv_BSKH = grads
