@@ -230,6 +230,11 @@ def imported_row(name: str, report: dict) -> dict:
           "wall_s": round(report["lower_s"] + report["compile_s"], 1), **report, "ok": True}
 
 
+def _dcn(r: dict) -> str:
+  """A row's cross-slice bytes per chip per step ("-" on one slice)."""
+  return f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
+
+
 def table(rows: list[dict]) -> str:
   """The markdown table of the rows."""
   head = ("| layout | chips | global batch (tokens) | peak / chip (of usable HBM) "
@@ -244,7 +249,7 @@ def table(rows: list[dict]) -> str:
       lines.append(f"| {r['what']} | | | does not fit: {r['error']} | | | | | | | | | | |")
       continue
     m = r["memory"]
-    dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
+    dcn = _dcn(r)
     # ICI bytes and the bounds (maxgemma.hlo.ici_collectives) are in the reports compiled since
     # they were added; older rows show "-" until recompiled.
     ici = f"{r['ici_bytes_per_chip'] / 2**30:.1f} GiB" if "ici_bytes_per_chip" in r else "-"
@@ -355,7 +360,7 @@ def comparison(rows: list[dict]) -> str:
         lines.append(f"| {label} | {r['what']} | {refusal(r['error'])} | | | | |")
         continue
       b, per_chip = r["step_bounds_s"], r["tokens_per_step"] / r["chips"]
-      dcn = f"{r['dcn_allreduce_bytes_per_chip'] / 2**20:.0f} MiB" if r["num_slices"] > 1 else "-"
+      dcn = _dcn(r)
       what = f"**{r['what']}** (best)" if r["name"] == best else r["what"]
       lines.append(
           f"| {label} | {what} | {r['memory']['peak_bytes'] / 2**30:.2f} GiB "
